@@ -1,0 +1,88 @@
+"""DoubleRoundingConfig: the quantization config that transformers stores in ``config.json``."""
+
+from __future__ import annotations
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .core import allowed_candidates, check_group_size
+
+QUANT_METHOD = "double_rounding"
+FORMAT_VERSION = 1
+
+
+def _check_bits(name: str, value, allowed) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {sorted(allowed)}")
+    return value
+
+
+class DoubleRoundingConfig(QuantizationConfigMixin):
+    """Switchable multi-bit weight quantization: one integer master, every lower bit-width derived by a second rounding.
+
+    Args:
+        bits: active bit-width after loading (one of ``candidate_bits``).
+        candidate_bits: bit-widths the model may switch to; all ``<= master_bits``.
+        master_bits: stored integer precision, 8 (candidates 2..8) or 4 (candidates 2..4, packed two per byte).
+        group_size: ``None`` for one scale per output channel, or a power of two in [16, 1024] input columns per
+            scale (the last group of a row is shorter when it does not divide ``in_features``).
+        modules_to_not_convert: module names (or prefixes/regexes, as in transformers) kept in floating point.
+            ``None`` keeps transformers' default (the output embedding / tied weights).
+        layer_bits: optional ``{module_name: bits}`` overriding ``bits`` per layer.
+    """
+
+    def __init__(
+        self,
+        bits: int = 8,
+        candidate_bits: list[int] | tuple[int, ...] = (8, 6, 4, 3, 2),
+        master_bits: int = 8,
+        group_size: int | None = 64,
+        modules_to_not_convert: list[str] | None = None,
+        layer_bits: dict[str, int] | None = None,
+        format_version: int = FORMAT_VERSION,
+        **kwargs,
+    ):
+        self.quant_method = QUANT_METHOD
+        self.bits = bits
+        self.candidate_bits = candidate_bits
+        self.master_bits = master_bits
+        self.group_size = group_size
+        self.modules_to_not_convert = modules_to_not_convert
+        self.layer_bits = layer_bits
+        self.format_version = format_version
+        unknown = set(kwargs) - {"quant_method"}
+        if unknown:
+            raise ValueError(f"DoubleRoundingConfig got unknown fields {sorted(unknown)}")
+        self.post_init()
+
+    def post_init(self):
+        allowed = allowed_candidates(_check_bits("master_bits", self.master_bits, (8, 4)))
+        if not self.candidate_bits:
+            raise ValueError(f"candidate_bits must be a non-empty list drawn from {list(allowed)}")
+        cands = [_check_bits("candidate_bits entry", b, allowed) for b in self.candidate_bits]
+        if len(set(cands)) != len(cands):
+            raise ValueError(f"candidate_bits has duplicates: {cands}")
+        self.candidate_bits = sorted(cands, reverse=True)
+        _check_bits("bits", self.bits, self.candidate_bits)
+        check_group_size(self.group_size)
+        if self.modules_to_not_convert is not None:
+            if isinstance(self.modules_to_not_convert, str) or not all(
+                isinstance(m, str) for m in self.modules_to_not_convert
+            ):
+                raise ValueError(f"modules_to_not_convert must be a list of names, got {self.modules_to_not_convert!r}")
+            self.modules_to_not_convert = list(self.modules_to_not_convert)
+        if self.layer_bits is not None:
+            if not isinstance(self.layer_bits, dict):
+                raise ValueError(f"layer_bits must be a dict {{module_name: bits}}, got {type(self.layer_bits).__name__}")
+            for name, b in self.layer_bits.items():
+                _check_bits(f"layer_bits[{name!r}]", b, self.candidate_bits)
+            self.layer_bits = dict(self.layer_bits) or None
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"checkpoint format_version {self.format_version} is newer than this abs_llm supports ({FORMAT_VERSION});"
+                " upgrade abs_llm"
+            )
+
+    def to_dict(self):
+        d = super().to_dict()
+        d["quant_method"] = QUANT_METHOD
+        return d

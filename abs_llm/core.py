@@ -1,0 +1,196 @@
+"""Pure tensor math of Double Rounding (no transformers, no modules).
+
+Notation (DESIGN.md): a weight ``W`` of shape ``(out, in)`` is cut into groups of ``group_size`` consecutive input
+columns per row (``group_size=None``: one group per row, i.e. per-channel). Master bits ``h``, target bits ``l``,
+``d = h - l``.
+
+- master:      ``q_h = clamp(round(W / s_h), -2^(h-1), 2^(h-1) - 1)``
+- derive:      ``q_l = clamp(round(q_h / 2^d), -2^(l-1), 2^(l-1) - 1)``
+- dequantize:  ``W_l = q_l * (s_h * 2^d)``, i.e. ``s_l = s_h * 2^d``.
+
+Rounding is round-half-to-even everywhere (``torch.round``): it is unbiased on the halves that the derivation hits
+constantly (``q_h / 2^d`` is a half whenever the low ``d`` bits of ``q_h`` are ``10...0``), and it is exact in float32
+because ``q_h / 2^d`` is a small dyadic rational. A bare arithmetic shift would be a floor and is *not* used.
+
+Group layout when ``group_size`` does not divide ``in``: ``n_groups = ceil(in / group_size)``; the last group of every
+row holds the ``in - (n_groups - 1) * group_size`` remaining columns, and ``scale`` has shape ``(out, n_groups)``. The
+master integers are stored unpadded with shape ``(out, in)`` (8-bit) or packed two per byte (4-bit master, see
+:func:`pack_int4`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MASTER_BITS = (8, 4)
+MIN_GROUP, MAX_GROUP = 16, 1024
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Signed symmetric integer range ``[-2^(b-1), 2^(b-1) - 1]``."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def allowed_candidates(master_bits: int) -> tuple[int, ...]:
+    """Bit-widths derivable from a master: 2..8 for INT8, 2..4 for INT4."""
+    if master_bits not in MASTER_BITS:
+        raise ValueError(f"master_bits must be one of {MASTER_BITS}, got {master_bits!r}")
+    return tuple(range(2, master_bits + 1))
+
+
+def check_group_size(group_size: int | None) -> None:
+    if group_size is None:
+        return
+    if (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, int)
+        or group_size < MIN_GROUP
+        or group_size > MAX_GROUP
+        or group_size & (group_size - 1)
+    ):
+        raise ValueError(
+            f"group_size must be None (per channel) or a power of two in [{MIN_GROUP}, {MAX_GROUP}], got {group_size!r}"
+        )
+
+
+def num_groups(in_features: int, group_size: int | None) -> int:
+    return 1 if group_size is None else math.ceil(in_features / group_size)
+
+
+def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """``(out, in)`` -> ``(out, n_groups, g)``, zero-padding the short last group (zeros never change a max-abs)."""
+    out, cols = w.shape
+    g = cols if group_size is None else group_size
+    n = num_groups(cols, group_size)
+    pad = n * g - cols
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(out, n, g)
+
+
+def _ungrouped(wg: torch.Tensor, in_features: int) -> torch.Tensor:
+    out = wg.shape[0]
+    return wg.reshape(out, -1)[:, :in_features]
+
+
+def expand_scale(scale: torch.Tensor, in_features: int, group_size: int | None) -> torch.Tensor:
+    """Per-group ``(out, n_groups)`` scale -> per-element ``(out, in)``."""
+    g = in_features if group_size is None else group_size
+    return scale.repeat_interleave(g, dim=1)[:, :in_features]
+
+
+def init_scale(w: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    """Abs-max scale per group, ``s = max|W_g| / (2^(b-1) - 1)``, float32 of shape ``(out, n_groups)``.
+
+    An all-zero group gets scale 1 (any positive value quantizes it to zero exactly) so nothing divides by zero.
+    """
+    amax = _grouped(w.detach().float(), group_size).abs().amax(dim=-1)
+    scale = amax / qrange(bits)[1]
+    return torch.where(amax > 0, scale, torch.ones_like(scale))
+
+
+def quantize_master(w: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    """``q_h = clamp(round(W / s_h), qmin, qmax)`` as int8, shape ``(out, in)``."""
+    lo, hi = qrange(bits)
+    q = torch.round(w.float() / expand_scale(scale.float(), w.shape[1], group_size)).clamp_(lo, hi)
+    return q.to(torch.int8)
+
+
+def derive(q_master: torch.Tensor, master_bits: int, bits: int) -> torch.Tensor:
+    """Second rounding: ``q_l = clamp(round(q_h / 2^d), -2^(l-1), 2^(l-1) - 1)`` (half to even), int8 out."""
+    if bits > master_bits or bits < 1:
+        raise ValueError(f"cannot derive {bits} bits from a {master_bits}-bit master")
+    d = master_bits - bits
+    if d == 0:
+        return q_master.to(torch.int8)
+    lo, hi = qrange(bits)
+    q = torch.round(q_master.to(torch.float32) / (2**d)).clamp_(lo, hi)
+    return q.to(torch.int8)
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, master_bits: int, bits: int, group_size: int | None, dtype=torch.float32
+) -> torch.Tensor:
+    """``W_l = q_l * s_h * 2^d`` for integers ``q`` already at ``bits``."""
+    step = expand_scale(scale.float() * 2 ** (master_bits - bits), q.shape[1], group_size)
+    return (q.to(torch.float32) * step).to(dtype)
+
+
+def derived_weight(
+    q_master: torch.Tensor, scale: torch.Tensor, master_bits: int, bits: int, group_size: int | None, dtype=torch.float32
+) -> torch.Tensor:
+    """Float weight at ``bits`` derived from the integer master (derive, then dequantize)."""
+    return dequantize(derive(q_master, master_bits, bits), scale, master_bits, bits, group_size, dtype)
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    """Baseline: plain round-to-nearest at ``bits`` straight from the float weight (abs-max scale), dequantized."""
+    scale = init_scale(w, bits, group_size)
+    return dequantize(quantize_master(w, scale, bits, group_size), scale, bits, bits, group_size, w.dtype)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round`` in the forward pass, identity gradient in the backward pass (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Value of ``x``, gradient multiplied by ``factor`` (LSQ's step-size gradient scaling)."""
+    return x * factor + (x - x * factor).detach()
+
+
+def fake_quantize(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    master_bits: int,
+    bits: int,
+    group_size: int | None,
+    lsq_grad_scale: bool = False,
+) -> torch.Tensor:
+    """Differentiable Double Rounding for training: the forward value equals
+    ``derived_weight(quantize_master(w, scale))`` exactly; gradients are STE for ``w`` (1 inside the clipping range,
+    0 outside) and LSQ for ``scale``: per element ``2^d (q_l - W / s_l)`` inside the range and ``2^d * q_l`` (the
+    clipped bound) outside, summed over the group. ``lsq_grad_scale`` multiplies the scale gradient by LSQ's
+    ``1 / sqrt(n_group * qmax_l)``.
+    """
+    out, cols = w.shape
+    d = master_bits - bits
+    s = scale.to(w.dtype)
+    if lsq_grad_scale:
+        g = cols if group_size is None else min(group_size, cols)
+        s = grad_scale(s, 1.0 / math.sqrt(g * max(qrange(bits)[1], 1)))
+    wg = _grouped(w, group_size)
+    s3 = s.unsqueeze(-1)
+    q_h = torch.clamp(round_ste(wg / s3), *qrange(master_bits))
+    q_l = torch.clamp(round_ste(q_h / 2**d), *qrange(bits)) if d else q_h
+    return _ungrouped(q_l * (s3 * 2**d), cols)
+
+
+def alrs_multiplier(master_bits: int, bits: int) -> float:
+    """ALRS learning-rate multiplier of the scales for precision ``bits`` (paper Eq. 6-7), ``d = h - l``:
+    ``10^(-d/2)`` for even ``d``, ``5 * 10^(-(d+1)/2)`` for odd ``d``."""
+    d = master_bits - bits
+    if d < 0:
+        raise ValueError(f"bits {bits} exceed master bits {master_bits}")
+    return 10 ** (-d / 2) if d % 2 == 0 else 5 * 10 ** (-(d + 1) / 2)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int values in [-8, 7] two per byte: column ``2j`` in the low nibble, ``2j+1`` in the high nibble (two's
+    complement nibbles). An odd column count is padded with one zero column. Shape ``(out, ceil(in/2))`` uint8."""
+    lo, hi = qrange(4)
+    if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
+        raise ValueError("pack_int4 needs values in [-8, 7]")
+    if q.shape[1] % 2:
+        q = torch.nn.functional.pad(q, (0, 1))
+    u = q.to(torch.int16) & 0xF
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int8 of shape ``(out, in_features)``."""
+    p = packed.to(torch.int16)
+    nib = torch.stack([p & 0xF, (p >> 4) & 0xF], dim=-1).reshape(packed.shape[0], -1)[:, :in_features]
+    return torch.where(nib >= 8, nib - 16, nib).to(torch.int8)

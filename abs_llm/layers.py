@@ -1,0 +1,189 @@
+"""SwitchableLinear: a Linear layer that stores an integer master and runs at any derivable bit-width."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import core
+
+
+class SwitchableLinear(nn.Module):
+    """Linear layer holding an integer master (``weight_master``) plus float32 scales (``weight_scale``).
+
+    Two modes:
+
+    - **frozen** (default, inference/checkpoints): ``weight_master`` is an int8 buffer ``(out, in)`` for an 8-bit
+      master, or a uint8 buffer ``(out, ceil(in/2))`` of packed nibbles for a 4-bit master. The forward uses the
+      weight derived at ``self.bits``; it is cached per (bits, dtype, device) so repeated forwards re-derive nothing.
+    - **training** (:meth:`to_trainable`): a float latent ``weight`` and a learnable ``weight_scale``; the forward
+      fake-quantizes with STE/LSQ at ``self.bits``. :meth:`freeze` rounds the latent weight into the integer master.
+
+    The integer tensor is deliberately *not* called ``weight``: a plain ``nn.Linear`` load of our checkpoint then
+    reports a missing ``weight`` instead of casting integers to float.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        master_bits: int = 8,
+        candidate_bits=(8, 6, 4, 3, 2),
+        group_size: int | None = 64,
+        bits: int | None = None,
+        device=None,
+        dtype=None,
+        cache_size: int = 1,
+    ):
+        super().__init__()
+        allowed = core.allowed_candidates(master_bits)
+        core.check_group_size(group_size)
+        bad = [b for b in candidate_bits if b not in allowed]
+        if bad:
+            raise ValueError(f"candidate bits {bad} not derivable from a {master_bits}-bit master; allowed {list(allowed)}")
+        self.in_features, self.out_features = in_features, out_features
+        self.master_bits, self.group_size = master_bits, group_size
+        self.candidate_bits = tuple(sorted(candidate_bits, reverse=True))
+        self._bits = self.candidate_bits[0]
+        self.cache_size = cache_size
+        self._cache: OrderedDict = OrderedDict()
+        cols = in_features if master_bits == 8 else (in_features + 1) // 2
+        mdtype = torch.int8 if master_bits == 8 else torch.uint8
+        self.register_buffer("weight_master", torch.zeros(out_features, cols, dtype=mdtype, device=device))
+        ngroups = core.num_groups(in_features, group_size)
+        self.weight_scale = nn.Parameter(
+            torch.ones(out_features, ngroups, dtype=torch.float32, device=device), requires_grad=False
+        )
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+        self.register_parameter("weight", None)  # latent float weight, training mode only
+        if bits is not None:
+            self.bits = bits
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, master_bits=8, candidate_bits=(8, 6, 4, 3, 2), group_size=64, bits=None,
+                    trainable: bool = False, name: str = "") -> "SwitchableLinear":
+        w = linear.weight.detach()
+        if not torch.isfinite(w).all():
+            raise ValueError(f"layer {name or 'linear'} has NaN or inf weights; refusing to quantize it")
+        if linear.bias is not None and not torch.isfinite(linear.bias).all():
+            raise ValueError(f"layer {name or 'linear'} has NaN or inf bias; refusing to quantize it")
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, master_bits, candidate_bits,
+                    group_size, bits, device=w.device, dtype=w.dtype)
+        scale = core.init_scale(w, master_bits, group_size)
+        layer.weight_scale.data.copy_(scale)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        if trainable:
+            layer.weight_master = None
+            layer.weight = nn.Parameter(w.clone())
+            layer.weight_scale.requires_grad_(True)
+            if layer.bias is not None:
+                layer.bias.requires_grad_(True)
+        else:
+            layer.set_master(core.quantize_master(w, scale, master_bits, group_size))
+        return layer
+
+    # ---- master access ------------------------------------------------------------------------------------------
+    @property
+    def trainable(self) -> bool:
+        return self.weight is not None
+
+    def master(self) -> torch.Tensor:
+        """The master integers as int8 ``(out, in)`` (unpacked for a 4-bit master)."""
+        if self.trainable:
+            return core.quantize_master(self.weight, self.weight_scale, self.master_bits, self.group_size)
+        if self.master_bits == 4:
+            return core.unpack_int4(self.weight_master, self.in_features)
+        return self.weight_master
+
+    def set_master(self, q: torch.Tensor) -> None:
+        lo, hi = core.qrange(self.master_bits)
+        if q.shape != (self.out_features, self.in_features):
+            raise ValueError(f"master shape {tuple(q.shape)} != {(self.out_features, self.in_features)}")
+        if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
+            raise ValueError(f"master values outside [{lo}, {hi}] for {self.master_bits}-bit master")
+        packed = core.pack_int4(q) if self.master_bits == 4 else q.to(torch.int8)
+        self.weight_master = packed.to(self.weight_scale.device)
+        self.invalidate_cache()
+
+    # ---- bit-width ----------------------------------------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        return self._bits
+
+    @bits.setter
+    def bits(self, value: int) -> None:
+        if isinstance(value, bool) or value not in self.candidate_bits:
+            raise ValueError(f"bits={value!r} is not a candidate of this layer; allowed {list(self.candidate_bits)}")
+        self._bits = int(value)
+
+    def invalidate_cache(self) -> None:
+        self._cache.clear()
+
+    def derived_weight(self, bits: int | None = None, dtype=torch.float32) -> torch.Tensor:
+        """Dequantized weight at ``bits`` (default: active bits), computed without the cache."""
+        b = self.bits if bits is None else bits
+        if self.trainable:
+            return core.fake_quantize(self.weight, self.weight_scale, self.master_bits, b, self.group_size).to(dtype)
+        return core.derived_weight(self.master(), self.weight_scale, self.master_bits, b, self.group_size, dtype)
+
+    def _cached_weight(self, dtype, device) -> torch.Tensor:
+        key = (self._bits, dtype, device)
+        w = self._cache.get(key)
+        if w is None:
+            with torch.no_grad():
+                w = self.derived_weight(self._bits, dtype).to(device)
+            self._cache[key] = w
+            while len(self._cache) > max(self.cache_size, 1):
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return w
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    def to_trainable(self) -> "SwitchableLinear":
+        """Switch to training mode: latent float weight ``= q_h * s_h`` (exact master value), learnable scale."""
+        if not self.trainable:
+            w = core.dequantize(self.master(), self.weight_scale, self.master_bits, self.master_bits, self.group_size)
+            self.weight = nn.Parameter(w.to(self.weight_scale.device))
+            self.weight_master = None
+            self.weight_scale.requires_grad_(True)
+            self.invalidate_cache()
+        return self
+
+    def freeze(self) -> "SwitchableLinear":
+        """Round the latent weight into the integer master with the learned scale; drop the float copy."""
+        if self.trainable:
+            with torch.no_grad():
+                if not torch.isfinite(self.weight).all() or not torch.isfinite(self.weight_scale).all():
+                    raise ValueError("cannot freeze: NaN or inf in the latent weight or scale")
+                self.weight_scale.data.clamp_(min=torch.finfo(torch.float32).tiny)
+                q = core.quantize_master(self.weight, self.weight_scale, self.master_bits, self.group_size)
+            self.weight = None
+            self.weight_scale.requires_grad_(False)
+            self.set_master(q)
+        return self
+
+    # ---- nn.Module ----------------------------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        self.invalidate_cache()
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trainable:
+            w = self.derived_weight(self._bits, dtype=x.dtype)
+        else:
+            w = self._cached_weight(x.dtype, x.device)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w, bias)
+
+    def extra_repr(self) -> str:
+        mode = "training" if self.trainable else "frozen"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"master_bits={self.master_bits}, bits={self.bits}, candidates={list(self.candidate_bits)}, "
+                f"group_size={self.group_size}, {mode}")

@@ -1,0 +1,69 @@
+"""Run-time bit switching: whole model or per layer."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .layers import SwitchableLinear
+
+
+def switchable_layers(model: nn.Module) -> dict[str, SwitchableLinear]:
+    """``{module_name: SwitchableLinear}`` in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SwitchableLinear)}
+
+
+def _require_layers(model: nn.Module) -> dict[str, SwitchableLinear]:
+    layers = switchable_layers(model)
+    if not layers:
+        raise ValueError(
+            "model has no SwitchableLinear layers; quantize it first with abs_llm.quantize(model, DoubleRoundingConfig())"
+            " or from_pretrained(..., quantization_config=DoubleRoundingConfig())"
+        )
+    return layers
+
+
+def set_bits(model: nn.Module, bits: int | dict[str, int]) -> nn.Module:
+    """Switch the active bit-width of every SwitchableLinear (``int``) or of the named ones (``{name: bits}``).
+
+    Everything is validated before anything changes, so a bad request leaves the model as it was. The choice is
+    mirrored into ``model.config.quantization_config`` so that ``save_pretrained`` records it.
+    """
+    layers = _require_layers(model)
+    if isinstance(bits, dict):
+        unknown = [n for n in bits if n not in layers]
+        if unknown:
+            sample = list(layers)[:3]
+            raise ValueError(
+                f"unknown layer names {unknown[:5]}{'...' if len(unknown) > 5 else ''}; expected SwitchableLinear names"
+                f" such as {sample} (see abs_llm.get_bits(model) for all {len(layers)})"
+            )
+        plan = dict(bits)
+    else:
+        plan = {n: bits for n in layers}
+    for name, b in plan.items():
+        allowed = layers[name].candidate_bits
+        if isinstance(b, bool) or not isinstance(b, int) or b not in allowed:
+            raise ValueError(f"bits={b!r} for {name} is not a candidate bit-width; allowed {sorted(allowed)}")
+    for name, b in plan.items():
+        layers[name].bits = b
+    _sync_config(model, layers)
+    return model
+
+
+def get_bits(model: nn.Module) -> int | dict[str, int]:
+    """The common bit-width when all layers agree, else ``{module_name: bits}``."""
+    per_layer = {n: m.bits for n, m in _require_layers(model).items()}
+    values = set(per_layer.values())
+    return values.pop() if len(values) == 1 else per_layer
+
+
+def _sync_config(model: nn.Module, layers: dict[str, SwitchableLinear]) -> None:
+    qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qcfg is None or isinstance(qcfg, dict):
+        return
+    counts: dict[int, int] = {}
+    for m in layers.values():
+        counts[m.bits] = counts.get(m.bits, 0) + 1
+    common = max(counts, key=lambda b: (counts[b], b))
+    qcfg.bits = common
+    qcfg.layer_bits = {n: m.bits for n, m in layers.items() if m.bits != common} or None

@@ -1,0 +1,78 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from abs_llm import SwitchableLinear, core
+
+
+def make(master_bits=8, cands=(8, 6, 4, 3, 2), group_size=32, bias=True, in_f=72, out_f=24):
+    torch.manual_seed(0)
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    return lin, SwitchableLinear.from_linear(lin, master_bits, cands, group_size)
+
+
+@pytest.mark.parametrize("master_bits,cands", [(8, (8, 6, 4, 3, 2)), (4, (4, 3, 2))])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_forward_matches_math(master_bits, cands, group_size):
+    lin, layer = make(master_bits, cands, group_size)
+    x = torch.randn(5, 72)
+    scale = core.init_scale(lin.weight, master_bits, group_size)
+    q = core.quantize_master(lin.weight, scale, master_bits, group_size)
+    assert torch.equal(layer.master(), q)
+    for b in cands:
+        layer.bits = b
+        ref = F.linear(x, core.derived_weight(q, scale, master_bits, b, group_size), lin.bias)
+        assert torch.equal(layer(x), ref)
+
+
+def test_int4_master_is_packed():
+    _, layer = make(4, (4, 3, 2), 32, in_f=71)
+    assert layer.weight_master.dtype == torch.uint8 and layer.weight_master.shape == (24, 36)
+    assert layer.master().shape == (24, 71)
+
+
+def test_cache_reuses_derived_weight_and_invalidates_on_switch():
+    _, layer = make()
+    x = torch.randn(2, 72)
+    layer(x)
+    cached = layer._cache[(8, torch.float32, x.device)]
+    layer(x)
+    assert layer._cache[(8, torch.float32, x.device)] is cached  # no re-derivation
+    layer.bits = 4
+    layer(x)
+    assert list(layer._cache) == [(4, torch.float32, x.device)]  # bounded: only the active width is kept
+    layer.to(torch.bfloat16)
+    assert not layer._cache
+
+
+def test_bits_validation():
+    _, layer = make(cands=(8, 4))
+    with pytest.raises(ValueError, match=r"allowed \[8, 4\]"):
+        layer.bits = 6
+    with pytest.raises(ValueError, match="not derivable from a 4-bit master"):
+        SwitchableLinear(16, 16, master_bits=4, candidate_bits=(8, 4))
+
+
+def test_nan_weights_refused():
+    lin = nn.Linear(16, 4)
+    with torch.no_grad():
+        lin.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        SwitchableLinear.from_linear(lin, name="blk.q")
+
+
+def test_training_mode_and_freeze():
+    lin, layer = make(group_size=None)
+    master = layer.master().clone()
+    layer.to_trainable()
+    assert layer.trainable and layer.weight_master is None and layer.weight_scale.requires_grad
+    assert torch.equal(layer.master(), master)  # latent = q_h * s_h re-quantizes to the same master
+    x = torch.randn(3, 72)
+    for b in (8, 4, 2):
+        layer.bits = b
+        layer(x).sum().backward()
+    assert layer.weight.grad is not None and layer.weight_scale.grad is not None
+    layer.freeze()
+    assert not layer.trainable and layer.weight is None and torch.equal(layer.master(), master)
+    assert "weight" not in layer.state_dict()

@@ -67,3 +67,23 @@ def _sync_config(model: nn.Module, layers: dict[str, SwitchableLinear]) -> None:
     common = max(counts, key=lambda b: (counts[b], b))
     qcfg.bits = common
     qcfg.layer_bits = {n: m.bits for n, m in layers.items() if m.bits != common} or None
+
+
+def model_bytes(model: nn.Module, bits: int | None = None) -> int:
+    """Bytes of the model's tensors if every SwitchableLinear were stored packed at ``bits`` (default: the active
+    bits of each layer) with its float32 scales; every other parameter/buffer counted at its own dtype. This is the
+    size a fixed-bit snapshot needs; the switchable checkpoint itself stores the master (``bits = master_bits``)."""
+    layers = switchable_layers(model)
+    total = 0
+    for m in layers.values():
+        b = m.bits if bits is None else bits
+        total += -(-m.out_features * m.in_features * b // 8) + m.weight_scale.numel() * 4
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        owner = name.rpartition(".")[0]
+        if owner in layers and not name.endswith(".bias"):
+            continue
+        if id(t) not in seen:  # tied weights count once
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,169 @@
+"""``abs-llm`` console script. Each subcommand is an ``add_<name>(subparsers)`` function that sets ``func``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _bits_list(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 8,4,2, got {text!r}") from None
+
+
+def _group_size(text: str):
+    if text.lower() in ("none", "channel", "per-channel"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be an integer or 'none', got {text!r}") from None
+
+
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse to write into a non-empty directory unless ``overwrite``: a user's files are never clobbered silently."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: output path {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SystemExit(f"error: output directory {out} exists and is not empty; pass --overwrite to replace it")
+    return out
+
+
+def _load_float(model_id: str | None):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import default_model_path
+
+    path = model_id or default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(path), path
+
+
+# ---- quantize ---------------------------------------------------------------------------------------------------------
+def add_quantize(sub):
+    p = sub.add_parser("quantize", help="float model (HF id/path, default: embedded SmolLM2) -> switchable checkpoint")
+    p.add_argument("model", nargs="?", default=None, help="HF model id or local path (default: embedded SmolLM2-135M)")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--bits", type=int, default=None, help="active bits saved in the checkpoint (default: highest)")
+    p.add_argument("--candidate-bits", type=_bits_list, default=[8, 6, 4, 3, 2])
+    p.add_argument("--master-bits", type=int, default=8, choices=[8, 4])
+    p.add_argument("--group-size", type=_group_size, default=64, help="power of two in [16, 1024], or 'none'")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=run_quantize)
+
+
+def run_quantize(args):
+    from . import DoubleRoundingConfig, quantize
+
+    cfg = DoubleRoundingConfig(bits=args.bits or max(args.candidate_bits), candidate_bits=args.candidate_bits,
+                               master_bits=args.master_bits, group_size=args.group_size)
+    out = prepare_output_dir(args.out, args.overwrite)  # checked before the slow part
+    model, tok, src = _load_float(args.model)
+    quantize(model, cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"wrote switchable checkpoint {out} (from {src}; master INT{cfg.master_bits}, bits {cfg.candidate_bits})")
+
+
+# ---- eval -------------------------------------------------------------------------------------------------------------
+def add_eval(sub):
+    p = sub.add_parser("eval", help="perplexity of a switchable checkpoint at each bit-width")
+    p.add_argument("checkpoint")
+    p.add_argument("--bits", type=_bits_list, default=None, help="bit-widths to evaluate (default: all candidates)")
+    p.add_argument("--split", default="eval", choices=["train", "eval"], help="Lee corpus split (default held-out)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-chunks", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run_eval)
+
+
+def eval_bits(model, tokenizer, bits_list, texts, seq_len=512, max_chunks=None):
+    from .evaluation import perplexity
+    from .switching import model_bytes, set_bits
+
+    rows = []
+    for b in bits_list:
+        set_bits(model, b)
+        ppl = perplexity(model, tokenizer, texts, seq_len=seq_len, max_chunks=max_chunks)
+        rows.append({"bits": b, "ppl": ppl, "bytes": model_bytes(model, b)})
+    return rows
+
+
+def run_eval(args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import default_corpus
+    from .switching import switchable_layers
+
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint)
+    tok = AutoTokenizer.from_pretrained(args.checkpoint)
+    layers = switchable_layers(model)
+    if not layers:
+        raise SystemExit(f"error: {args.checkpoint} is not a switchable (double_rounding) checkpoint")
+    cands = next(iter(layers.values())).candidate_bits
+    bits = args.bits or list(cands)
+    bad = [b for b in bits if b not in cands]
+    if bad:
+        raise SystemExit(f"error: bits {bad} not in this checkpoint's candidate bits {sorted(cands)}")
+    rows = eval_bits(model, tok, bits, default_corpus(args.split), args.seq_len, args.max_chunks)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows))
+
+
+def format_table(rows, fp_ppl: float | None = None) -> str:
+    lines = ["| bits | PPL | delta vs FP | bytes |", "|---|---|---|---|"]
+    for r in rows:
+        delta = "" if fp_ppl is None else f"{100 * (r['ppl'] / fp_ppl - 1):+.2f}%"
+        lines.append(f"| {r['bits']} | {r['ppl']:.3f} | {delta} | {r['bytes'] / 1e6:.1f} MB |")
+    return "\n".join(lines)
+
+
+# ---- demo -------------------------------------------------------------------------------------------------------------
+def add_demo(sub):
+    p = sub.add_parser("demo", help="the main job: default model -> switchable checkpoint -> PPL + generation per bits")
+    p.add_argument("--out", default="outputs/demo", help="where the checkpoint, table and plot go")
+    p.add_argument("--group-size", type=_group_size, default=64)
+    p.add_argument("--max-chunks", type=int, default=None, help="cap evaluation windows (default: full split)")
+    p.add_argument("--prompt", default="The capital of France is")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args):
+    from .demo import demo
+
+    demo(args.out, group_size=args.group_size, max_chunks=args.max_chunks, prompt=args.prompt)
+
+
+# ---- main -------------------------------------------------------------------------------------------------------------
+COMMANDS = [add_demo, add_quantize, add_eval]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="abs-llm", description="Adaptive Bit Switching for Hugging Face LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as e:  # our validation errors are written for humans: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

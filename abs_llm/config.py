@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .core import allowed_candidates, check_group_size
+from .kernels import check_kernel
 
 QUANT_METHOD = "double_rounding"
 FORMAT_VERSION = 1
@@ -28,6 +29,9 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
         modules_to_not_convert: module names (or prefixes/regexes, as in transformers) kept in floating point.
             ``None`` keeps transformers' default (the output embedding / tied weights).
         layer_bits: optional ``{module_name: bits}`` overriding ``bits`` per layer.
+        kernel: matmul used at run time, ``"auto"`` (best stock-PyTorch integer kernel for the bit-width, device and
+            activation dtype, see :mod:`abs_llm.kernels`), ``"dequant"`` or a named kernel. Not stored when
+            ``"auto"``, so default checkpoints stay readable by versions without this field.
     """
 
     def __init__(
@@ -39,6 +43,7 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         layer_bits: dict[str, int] | None = None,
         format_version: int = FORMAT_VERSION,
+        kernel: str = "auto",
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
@@ -49,6 +54,7 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = modules_to_not_convert
         self.layer_bits = layer_bits
         self.format_version = format_version
+        self.kernel = kernel
         unknown = set(kwargs) - {"quant_method"}
         if unknown:
             raise ValueError(f"DoubleRoundingConfig got unknown fields {sorted(unknown)}")
@@ -64,6 +70,7 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
         self.candidate_bits = sorted(cands, reverse=True)
         _check_bits("bits", self.bits, self.candidate_bits)
         check_group_size(self.group_size)
+        check_kernel(self.kernel)
         if self.modules_to_not_convert is not None:
             if isinstance(self.modules_to_not_convert, str) or not all(
                 isinstance(m, str) for m in self.modules_to_not_convert
@@ -85,4 +92,6 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
     def to_dict(self):
         d = super().to_dict()
         d["quant_method"] = QUANT_METHOD
+        if d.get("kernel") == "auto":
+            d.pop("kernel")
         return d

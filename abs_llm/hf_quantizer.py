@@ -59,7 +59,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _apply_config_bits(model: nn.Module, config: DoubleRoundingConfig) -> None:
     bits, layer_bits = config.bits, config.layer_bits  # read both first: set_bits rewrites the model's config
-    set_bits(model, bits)
+    set_bits(model, bits, kernel=getattr(config, "kernel", "auto"))
     if layer_bits:
         set_bits(model, layer_bits)
 

@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import core
+from . import core, kernels
+
+# Default memory cap of a layer's cache of packed weights, as a multiple of the int8 master's bytes. Entries sharing
+# the master (int8pack at the master's own width) cost nothing, so 8<->4 ping-pong in bf16 (0 + 0.5x) stays cached;
+# the newest entry is always kept, so a float dequant copy (2-4x) still works, it just evicts the others.
+CACHE_FACTOR = 2.0
 
 
 class SwitchableLinear(nn.Module):
@@ -37,7 +42,9 @@ class SwitchableLinear(nn.Module):
         bits: int | None = None,
         device=None,
         dtype=None,
-        cache_size: int = 1,
+        cache_size: int = 2,
+        kernel: str = "auto",
+        cache_bytes: int | None = None,
     ):
         super().__init__()
         allowed = core.allowed_candidates(master_bits)
@@ -49,8 +56,10 @@ class SwitchableLinear(nn.Module):
         self.master_bits, self.group_size = master_bits, group_size
         self.candidate_bits = tuple(sorted(candidate_bits, reverse=True))
         self._bits = self.candidate_bits[0]
-        self.cache_size = cache_size
-        self._cache: OrderedDict = OrderedDict()
+        self.cache_size, self.cache_bytes = cache_size, cache_bytes
+        self._cache: OrderedDict = OrderedDict()  # (bits, dtype, device) -> kernels.Packed, least recent first
+        self._kernel = kernels.check_kernel(kernel)
+        self._act = None  # (dtype, device) of the last forward: what set_bits packs eagerly
         cols = in_features if master_bits == 8 else (in_features + 1) // 2
         mdtype = torch.int8 if master_bits == 8 else torch.uint8
         self.register_buffer("weight_master", torch.zeros(out_features, cols, dtype=mdtype, device=device))
@@ -122,6 +131,16 @@ class SwitchableLinear(nn.Module):
             raise ValueError(f"bits={value!r} is not a candidate of this layer; allowed {list(self.candidate_bits)}")
         self._bits = int(value)
 
+    @property
+    def kernel(self) -> str:
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, value: str) -> None:
+        if kernels.check_kernel(value) != self._kernel:
+            self._kernel = value
+            self.invalidate_cache()
+
     def invalidate_cache(self) -> None:
         self._cache.clear()
 
@@ -132,18 +151,34 @@ class SwitchableLinear(nn.Module):
             return core.fake_quantize(self.weight, self.weight_scale, self.master_bits, b, self.group_size).to(dtype)
         return core.derived_weight(self.master(), self.weight_scale, self.master_bits, b, self.group_size, dtype)
 
-    def _cached_weight(self, dtype, device) -> torch.Tensor:
+    def packed(self, dtype, device) -> kernels.Packed:
+        """The active width packed for the best kernel for ``(dtype, device)``; LRU-cached, memory-capped."""
+        device = torch.device(device)
         key = (self._bits, dtype, device)
-        w = self._cache.get(key)
-        if w is None:
-            with torch.no_grad():
-                w = self.derived_weight(self._bits, dtype).to(device)
-            self._cache[key] = w
-            while len(self._cache) > max(self.cache_size, 1):
-                self._cache.popitem(last=False)
-        else:
+        p = self._cache.get(key)
+        if p is not None:
             self._cache.move_to_end(key)
-        return w
+            return p
+        kernel = kernels.choose(self.out_features, self.in_features, self._bits, self.group_size, dtype, device,
+                                self._kernel)
+        with torch.no_grad():
+            p = kernels.pack_checked(self.master(), self.weight_scale, self.master_bits, self._bits, self.group_size,
+                                     dtype, device, kernel)
+        self._cache[key] = p
+        cap = self.cache_bytes if self.cache_bytes is not None else CACHE_FACTOR * self.out_features * self.in_features
+        while len(self._cache) > 1 and (
+            len(self._cache) > max(self.cache_size, 1) or sum(e.nbytes for e in self._cache.values()) > cap
+        ):
+            self._cache.popitem(last=False)
+        return p
+
+    _cached_weight = packed  # older name, used by benchmarks/bench_ptq.py
+
+    def prepare(self) -> kernels.Packed | None:
+        """Pack the active width for the activation dtype/device last seen in forward (no-op before any forward)."""
+        if self.trainable or self._act is None:
+            return None
+        return self.packed(*self._act)
 
     # ---- training -----------------------------------------------------------------------------------------------
     def to_trainable(self) -> "SwitchableLinear":
@@ -175,15 +210,14 @@ class SwitchableLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.trainable:
-            w = self.derived_weight(self._bits, dtype=x.dtype)
-        else:
-            w = self._cached_weight(x.dtype, x.device)
+        if not self.trainable:
+            self._act = (x.dtype, x.device)
+            return self.packed(x.dtype, x.device)(x, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, bias)
+        return F.linear(x, self.derived_weight(self._bits, dtype=x.dtype), bias)
 
     def extra_repr(self) -> str:
         mode = "training" if self.trainable else "frozen"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"master_bits={self.master_bits}, bits={self.bits}, candidates={list(self.candidate_bits)}, "
-                f"group_size={self.group_size}, {mode}")
+                f"group_size={self.group_size}, kernel={self._kernel}, {mode}")

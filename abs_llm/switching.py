@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import kernels
 from .layers import SwitchableLinear
 
 
@@ -22,13 +23,19 @@ def _require_layers(model: nn.Module) -> dict[str, SwitchableLinear]:
     return layers
 
 
-def set_bits(model: nn.Module, bits: int | dict[str, int]) -> nn.Module:
+def set_bits(model: nn.Module, bits: int | dict[str, int], kernel: str | None = None, prepare: bool = True) -> nn.Module:
     """Switch the active bit-width of every SwitchableLinear (``int``) or of the named ones (``{name: bits}``).
 
-    Everything is validated before anything changes, so a bad request leaves the model as it was. The choice is
-    mirrored into ``model.config.quantization_config`` so that ``save_pretrained`` records it.
+    ``kernel`` (``"auto"``, ``"dequant"``, ``"int8pack"``, ... see :mod:`abs_llm.kernels`) sets the matmul of every
+    layer; ``None`` keeps each layer's choice. With ``prepare`` the switched layers derive and pack the new width now,
+    for the activation dtype/device of their last forward (layers that never ran pack lazily on first use); already
+    cached widths cost a dictionary lookup. Everything is validated before anything changes, so a bad request leaves
+    the model as it was. The choice is mirrored into ``model.config.quantization_config`` so that ``save_pretrained``
+    records it.
     """
     layers = _require_layers(model)
+    if kernel is not None:
+        kernels.check_kernel(kernel)
     if isinstance(bits, dict):
         unknown = [n for n in bits if n not in layers]
         if unknown:
@@ -44,9 +51,14 @@ def set_bits(model: nn.Module, bits: int | dict[str, int]) -> nn.Module:
         allowed = layers[name].candidate_bits
         if isinstance(b, bool) or not isinstance(b, int) or b not in allowed:
             raise ValueError(f"bits={b!r} for {name} is not a candidate bit-width; allowed {sorted(allowed)}")
+    if kernel is not None:
+        for layer in layers.values():
+            layer.kernel = kernel
     for name, b in plan.items():
         layers[name].bits = b
-    _sync_config(model, layers)
+        if prepare:
+            layers[name].prepare()
+    _sync_config(model, layers, kernel)
     return model
 
 
@@ -57,10 +69,12 @@ def get_bits(model: nn.Module) -> int | dict[str, int]:
     return values.pop() if len(values) == 1 else per_layer
 
 
-def _sync_config(model: nn.Module, layers: dict[str, SwitchableLinear]) -> None:
+def _sync_config(model: nn.Module, layers: dict[str, SwitchableLinear], kernel: str | None = None) -> None:
     qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
     if qcfg is None or isinstance(qcfg, dict):
         return
+    if kernel is not None:
+        qcfg.kernel = kernel
     counts: dict[int, int] = {}
     for m in layers.values():
         counts[m.bits] = counts.get(m.bits, 0) + 1

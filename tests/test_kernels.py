@@ -158,3 +158,17 @@ def test_generate_every_width_and_int_kernels_match_dequant(group_size, dtype):
     assert used == {int_kernel}
     set_bits(model, 8, kernel="dequant")
     assert torch.equal(fast, model.generate(prompt, **gen))
+
+
+@pytest.mark.parametrize("master_bits", [8, 4])
+def test_lookup_tables_equal_core_derive_exactly(master_bits):
+    lo, hi = core.qrange(master_bits)
+    q = torch.arange(lo, hi + 1, dtype=torch.int8).view(1, -1)
+    for bits in core.allowed_candidates(master_bits):
+        ql = core.derive(q, master_bits, bits)
+        d = master_bits - bits
+        assert torch.equal(kernels._lookup(q, master_bits, bits, "int8", torch.int8), ql * 2**d)
+        if bits <= 4:
+            assert torch.equal(kernels._lookup(q, master_bits, bits, "nib", torch.int32), ql.int() + 8)
+        h, l8 = (kernels._lookup(q, master_bits, bits, p, torch.int32) for p in ("hi", "lo"))
+        assert torch.equal(16 * (h - 8) + l8, ql.int()) and int(l8.min()) >= 0 and int(l8.max()) <= 15

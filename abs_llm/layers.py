@@ -207,7 +207,12 @@ class SwitchableLinear(nn.Module):
     # ---- nn.Module ----------------------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
         self.invalidate_cache()
-        return super()._apply(fn, recurse)
+        saved = self.weight_scale.data
+        out = super()._apply(fn, recurse)
+        if self.weight_scale.dtype != saved.dtype and not self.trainable:
+            # model.to(bf16) must not round the frozen scales: they are part of the integer format (fp32 on disk)
+            self.weight_scale.data = saved.to(self.weight_scale.device)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.trainable:

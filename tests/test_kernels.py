@@ -172,3 +172,11 @@ def test_lookup_tables_equal_core_derive_exactly(master_bits):
             assert torch.equal(kernels._lookup(q, master_bits, bits, "nib", torch.int32), ql.int() + 8)
         h, l8 = (kernels._lookup(q, master_bits, bits, p, torch.int32) for p in ("hi", "lo"))
         assert torch.equal(16 * (h - 8) + l8, ql.int()) and int(l8.min()) >= 0 and int(l8.max()) <= 15
+
+
+def test_casting_the_model_keeps_fp32_scales():
+    layer = make(32, 64, 32)
+    before = layer.weight_scale.detach().clone()
+    layer.to(torch.bfloat16)
+    assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale, before)
+    assert layer.bias.dtype == torch.bfloat16

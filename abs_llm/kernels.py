@@ -187,6 +187,32 @@ def _lookup(q_master: torch.Tensor, master_bits: int, bits: int, part: str, dtyp
     return res.view(q_master.shape)
 
 
+def _blocked64(nib: torch.Tensor) -> torch.Tensor:
+    """The CPU int4pack layout for ``out % 64 == 0``, built from uint8 nibbles: in each block of 64 rows, byte ``j`` of
+    column ``k`` holds row ``j`` (low nibble) and row ``j + 32`` (high nibble). Measured 5x faster than
+    ``_convert_weight_to_int4pack_for_cpu``, which also needs an int32 copy of the whole weight."""
+    n, k = nib.shape
+    t = nib.view(n // 64, 64, k).transpose(1, 2)
+    return (t[..., :32] | (t[..., 32:] << 4)).contiguous().view(n, k // 2)
+
+
+@lru_cache(maxsize=None)
+def _blocked64_matches_torch() -> bool:
+    """The layout is a torch internal: check it once per process against the official converter."""
+    probe = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    ok = torch.equal(_blocked64(probe.to(torch.uint8)), torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1))
+    if not ok:
+        _say_once("abs_llm kernels: torch's int4pack CPU layout changed; packing with the (slower) official converter")
+    return ok
+
+
+def pack_int4_cpu(nib: torch.Tensor) -> torch.Tensor:
+    """uint8 nibbles ``(out, in)`` in [0, 15] -> ``_weight_int4pack_mm_for_cpu``'s packed weight."""
+    if nib.shape[0] % 64 == 0 and _blocked64_matches_torch():
+        return _blocked64(nib)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(nib.to(torch.int32), 1)
+
+
 def pack(q_master, scale, master_bits, bits, group_size, dtype, device, kernel) -> Packed:
     """Derive ``bits`` from the master and prepare it for ``kernel`` (already chosen by :func:`choose`).
     ``q_master`` is the unpacked int8 master ``(out, in)``."""
@@ -207,13 +233,13 @@ def pack(q_master, scale, master_bits, bits, group_size, dtype, device, kernel) 
     step = scale.float() * (2**d)
     q_master = q_master.cpu()
     if kernel == "int4x2":  # q_l = 16*hi + lo: rows [0, out) carry hi (step 16s), rows [out, 2out) carry lo (zero 8s)
-        nib = torch.empty(2 * out_f, in_f, dtype=torch.int32)
-        _lookup(q_master, master_bits, bits, "hi", torch.int32, out=nib[:out_f])
-        _lookup(q_master, master_bits, bits, "lo", torch.int32, out=nib[out_f:])
+        nib = torch.empty(2 * out_f, in_f, dtype=torch.uint8)
+        _lookup(q_master, master_bits, bits, "hi", torch.uint8, out=nib[:out_f])
+        _lookup(q_master, master_bits, bits, "lo", torch.uint8, out=nib[out_f:])
         sz = torch.cat([_int4_scales_and_zeros(step * 16, in_f, group_size, g, 0.0, dtype),
                         _int4_scales_and_zeros(step, in_f, group_size, g, 8.0, dtype)], dim=1)
     else:
-        nib = _lookup(q_master, master_bits, bits, "nib", torch.int32)
+        nib = _lookup(q_master, master_bits, bits, "nib", torch.uint8)
         sz = _int4_scales_and_zeros(step, in_f, group_size, g, 0.0, dtype)
     sz = sz.to(device)
     if kernel == "cuda_int4":
@@ -221,7 +247,7 @@ def pack(q_master, scale, master_bits, bits, group_size, dtype, device, kernel) 
         w4 = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(device), 8)
         mm = torch.ops.aten._weight_int4pack_mm
     else:
-        w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nib, 1)
+        w4 = pack_int4_cpu(nib)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
     if kernel == "int4x2":
         fn = _flat(lambda x: (lambda y: y[:, :out_f] + y[:, out_f:])(mm(x, w4, g, sz)))

@@ -180,3 +180,10 @@ def test_casting_the_model_keeps_fp32_scales():
     layer.to(torch.bfloat16)
     assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale, before)
     assert layer.bias.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (128, 96), (192, 576), (48, 64)])
+def test_fast_int4_layout_equals_torch_converter(shape):
+    nib = torch.randint(0, 16, shape, dtype=torch.int32)
+    assert torch.equal(kernels.pack_int4_cpu(nib.to(torch.uint8)),
+                       torch.ops.aten._convert_weight_to_int4pack_for_cpu(nib, 1))

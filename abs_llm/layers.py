@@ -204,6 +204,12 @@ class SwitchableLinear(nn.Module):
             self.set_master(q)
         return self
 
+    def __getstate__(self):
+        # packed weights hold kernel closures (not picklable) and are rebuilt on demand: never pickle the cache
+        state = super().__getstate__().copy()
+        state["_cache"] = OrderedDict()
+        return state
+
     # ---- nn.Module ----------------------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
         self.invalidate_cache()

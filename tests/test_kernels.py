@@ -187,3 +187,16 @@ def test_fast_int4_layout_equals_torch_converter(shape):
     nib = torch.randint(0, 16, shape, dtype=torch.int32)
     assert torch.equal(kernels.pack_int4_cpu(nib.to(torch.uint8)),
                        torch.ops.aten._convert_weight_to_int4pack_for_cpu(nib, 1))
+
+
+def test_layer_with_packed_cache_pickles():
+    import io
+
+    layer = make(32, 64, None)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    y = layer(x)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    assert not again._cache and torch.equal(again(x), y)

@@ -81,6 +81,14 @@ def add_eval(sub):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-chunks", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--tasks", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=None,
+                   help="run lm-evaluation-harness tasks (comma-separated; 'abs_local_ppl' works offline) instead of"
+                        " the built-in perplexity")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: documents per task (int) or fraction (<1)")
+    p.add_argument("--text-file", default=None, help="abs_local_ppl: score this text file (blank-line-separated docs)"
+                                                      " instead of the Lee held-out split")
+    p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
+    p.add_argument("--max-length", type=int, default=None, help="lm-eval context window (default: the model's)")
     p.set_defaults(func=run_eval)
 
 
@@ -112,6 +120,16 @@ def run_eval(args):
     bad = [b for b in bits if b not in cands]
     if bad:
         raise SystemExit(f"error: bits {bad} not in this checkpoint's candidate bits {sorted(cands)}")
+    if args.tasks is not None:
+        from .lm_eval_tasks import format_lm_eval_table, lm_eval_bits
+
+        limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+        rows = lm_eval_bits(model, tok, bits, args.tasks, limit=limit, text_file=args.text_file,
+                            batch_size=args.batch_size, max_length=args.max_length)
+        print(json.dumps(rows, indent=2) if args.json else format_lm_eval_table(rows))
+        return
+    if args.text_file or args.limit is not None:
+        raise SystemExit("error: --text-file and --limit apply to lm-eval tasks; add --tasks abs_local_ppl")
     rows = eval_bits(model, tok, bits, default_corpus(args.split), args.seq_len, args.max_chunks)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -145,6 +145,30 @@ def format_table(rows, fp_ppl: float | None = None) -> str:
     return "\n".join(lines)
 
 
+# ---- export -----------------------------------------------------------------------------------------------------------
+def add_export(sub):
+    p = sub.add_parser("export", help="fixed-bit snapshot for other runtimes (compressed-tensors pack-quantized, dense)")
+    p.add_argument("checkpoint")
+    p.add_argument("--bits", type=int, required=True, help="bit-width of the snapshot (a candidate of the checkpoint)")
+    p.add_argument("--format", required=True, help="compressed-tensors (transformers/vLLM) or hf-dense (float)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args):
+    from transformers import AutoModelForCausalLM
+
+    from .export import FORMATS, export
+
+    if args.format not in FORMATS:  # checked before the slow load
+        raise ValueError(f"unknown export format {args.format!r}; choose one of {list(FORMATS)}")
+    out = prepare_output_dir(args.out, args.overwrite)
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint)
+    export(model, out, args.bits, args.format, source_dir=args.checkpoint)
+    print(f"wrote {args.format} snapshot at {args.bits} bits to {out}")
+
+
 # ---- demo -------------------------------------------------------------------------------------------------------------
 def add_demo(sub):
     p = sub.add_parser("demo", help="the main job: default model -> switchable checkpoint -> PPL + generation per bits")
@@ -162,7 +186,7 @@ def run_demo(args):
 
 
 # ---- main -------------------------------------------------------------------------------------------------------------
-COMMANDS = [add_demo, add_quantize, add_eval]
+COMMANDS = [add_demo, add_quantize, add_eval, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

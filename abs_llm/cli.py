@@ -169,6 +169,26 @@ def run_export(args):
     print(f"wrote {args.format} snapshot at {args.bits} bits to {out}")
 
 
+# ---- push -------------------------------------------------------------------------------------------------------------
+def add_push(sub):
+    p = sub.add_parser("push", help="upload a switchable checkpoint + model card to the Hugging Face Hub")
+    p.add_argument("checkpoint")
+    p.add_argument("--repo-id", required=True, help="user/name on the Hub")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="write the upload folder to --out, upload nothing")
+    p.add_argument("--out", default=None, help="with --dry-run: where the upload folder goes")
+    p.add_argument("--results", default=None, help="JSON from `abs-llm eval --json` for the model card table")
+    p.set_defaults(func=run_push)
+
+
+def run_push(args):
+    from .io import push
+
+    where = push(args.checkpoint, args.repo_id, private=args.private, dry_run=args.dry_run, out=args.out,
+                 results=args.results)
+    print(f"dry run: wrote the upload folder {where} (nothing uploaded)" if args.dry_run else f"uploaded to {where}")
+
+
 # ---- demo -------------------------------------------------------------------------------------------------------------
 def add_demo(sub):
     p = sub.add_parser("demo", help="the main job: default model -> switchable checkpoint -> PPL + generation per bits")
@@ -186,7 +206,7 @@ def run_demo(args):
 
 
 # ---- main -------------------------------------------------------------------------------------------------------------
-COMMANDS = [add_demo, add_quantize, add_eval, add_export]
+COMMANDS = [add_demo, add_quantize, add_eval, add_export, add_push]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -81,6 +81,14 @@ def add_eval(sub):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-chunks", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--tasks", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=None,
+                   help="run lm-evaluation-harness tasks (comma-separated; 'abs_local_ppl' works offline) instead of"
+                        " the built-in perplexity")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: documents per task (int) or fraction (<1)")
+    p.add_argument("--text-file", default=None, help="abs_local_ppl: score this text file (blank-line-separated docs)"
+                                                      " instead of the Lee held-out split")
+    p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
+    p.add_argument("--max-length", type=int, default=None, help="lm-eval context window (default: the model's)")
     p.set_defaults(func=run_eval)
 
 
@@ -112,6 +120,16 @@ def run_eval(args):
     bad = [b for b in bits if b not in cands]
     if bad:
         raise SystemExit(f"error: bits {bad} not in this checkpoint's candidate bits {sorted(cands)}")
+    if args.tasks is not None:
+        from .lm_eval_tasks import format_lm_eval_table, lm_eval_bits
+
+        limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+        rows = lm_eval_bits(model, tok, bits, args.tasks, limit=limit, text_file=args.text_file,
+                            batch_size=args.batch_size, max_length=args.max_length)
+        print(json.dumps(rows, indent=2) if args.json else format_lm_eval_table(rows))
+        return
+    if args.text_file or args.limit is not None:
+        raise SystemExit("error: --text-file and --limit apply to lm-eval tasks; add --tasks abs_local_ppl")
     rows = eval_bits(model, tok, bits, default_corpus(args.split), args.seq_len, args.max_chunks)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -125,6 +143,50 @@ def format_table(rows, fp_ppl: float | None = None) -> str:
         delta = "" if fp_ppl is None else f"{100 * (r['ppl'] / fp_ppl - 1):+.2f}%"
         lines.append(f"| {r['bits']} | {r['ppl']:.3f} | {delta} | {r['bytes'] / 1e6:.1f} MB |")
     return "\n".join(lines)
+
+
+# ---- export -----------------------------------------------------------------------------------------------------------
+def add_export(sub):
+    p = sub.add_parser("export", help="fixed-bit snapshot for other runtimes (compressed-tensors pack-quantized, dense)")
+    p.add_argument("checkpoint")
+    p.add_argument("--bits", type=int, required=True, help="bit-width of the snapshot (a candidate of the checkpoint)")
+    p.add_argument("--format", required=True, help="compressed-tensors (transformers/vLLM) or hf-dense (float)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args):
+    from transformers import AutoModelForCausalLM
+
+    from .export import FORMATS, export
+
+    if args.format not in FORMATS:  # checked before the slow load
+        raise ValueError(f"unknown export format {args.format!r}; choose one of {list(FORMATS)}")
+    out = prepare_output_dir(args.out, args.overwrite)
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint)
+    export(model, out, args.bits, args.format, source_dir=args.checkpoint)
+    print(f"wrote {args.format} snapshot at {args.bits} bits to {out}")
+
+
+# ---- push -------------------------------------------------------------------------------------------------------------
+def add_push(sub):
+    p = sub.add_parser("push", help="upload a switchable checkpoint + model card to the Hugging Face Hub")
+    p.add_argument("checkpoint")
+    p.add_argument("--repo-id", required=True, help="user/name on the Hub")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="write the upload folder to --out, upload nothing")
+    p.add_argument("--out", default=None, help="with --dry-run: where the upload folder goes")
+    p.add_argument("--results", default=None, help="JSON from `abs-llm eval --json` for the model card table")
+    p.set_defaults(func=run_push)
+
+
+def run_push(args):
+    from .io import push
+
+    where = push(args.checkpoint, args.repo_id, private=args.private, dry_run=args.dry_run, out=args.out,
+                 results=args.results)
+    print(f"dry run: wrote the upload folder {where} (nothing uploaded)" if args.dry_run else f"uploaded to {where}")
 
 
 # ---- demo -------------------------------------------------------------------------------------------------------------
@@ -144,7 +206,7 @@ def run_demo(args):
 
 
 # ---- main -------------------------------------------------------------------------------------------------------------
-COMMANDS = [add_demo, add_quantize, add_eval]
+COMMANDS = [add_demo, add_quantize, add_eval, add_export, add_push]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ from . import core
 from .config import FORMAT_VERSION, DoubleRoundingConfig
 from .integrity import install_atomic_save, verify_enabled, verify_file
 from .layers import SwitchableLinear
+from .remote_code import GUARD_META_KEY
 from .switching import set_bits, switchable_layers
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,9 @@ class DoubleRoundingHfQuantizer(HfQuantizer):
         targets = linears_to_convert(model, skips)
         if checkpoint_files:
             check_checkpoint(checkpoint_files, model, targets, cfg)
+        # The empty load-guard tensor (remote_code.py) is expected in our checkpoints: not worth an UNEXPECTED line.
+        guards = {rf"^{re.escape(n)}\.weight$" for n in targets}
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | guards
         for name in targets:
             old = model.get_submodule(name)
             with torch.device("meta"):
@@ -161,17 +165,24 @@ class DoubleRoundingHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
-        """Frozen masters for layers still in training mode, and the bit-switch metadata for the safetensors header."""
-        state_dict = None
-        training = {n: m for n, m in switchable_layers(model).items() if m.trainable}
-        if training:
-            state_dict = model.state_dict()
-            for name, layer in training.items():
+        """Frozen masters for layers still in training mode, the load-guard tensor, and the bit-switch metadata for
+        the safetensors header."""
+        layers = switchable_layers(model)
+        state_dict = model.state_dict()
+        for name, layer in layers.items():
+            if layer.trainable:
                 q = layer.master().detach()
                 state_dict.pop(f"{name}.weight")
                 state_dict[f"{name}.weight_master"] = core.pack_int4(q) if layer.master_bits == 4 else q
                 state_dict[f"{name}.weight_scale"] = layer.weight_scale.detach().clamp(min=torch.finfo(torch.float32).tiny)
-        return state_dict, checkpoint_metadata(model, self.quantization_config)
+        metadata = checkpoint_metadata(model, self.quantization_config)
+        if layers:
+            # An empty tensor where a plain float model expects a Linear weight: loading without abs_llm then fails
+            # with a size mismatch instead of returning random weights (see remote_code.py).
+            guard = f"{next(iter(layers))}.weight"
+            state_dict[guard] = torch.zeros(0, dtype=torch.int8)
+            metadata[GUARD_META_KEY] = guard
+        return state_dict, metadata
 
     def is_serializable(self):
         return True
@@ -228,7 +239,9 @@ def check_checkpoint(files, model, targets: list[str], cfg: DoubleRoundingConfig
                 problems.append(f"missing tensor {key}")
             elif got != (dt, shape):
                 problems.append(f"{key}: dtype/shape {got[0]}{got[1]}, expected {dt}{shape}")
-    stray = [k for k in header if re.search(r"\.weight$", k) and k[: -len(".weight")] in set(targets)]
+    guard = meta.get(GUARD_META_KEY)
+    stray = [k for k in header
+             if re.search(r"\.weight$", k) and k[: -len(".weight")] in set(targets) and not (k == guard and header[k][1] == [0])]
     problems += [f"unexpected float weight {k} for a quantized layer" for k in stray]
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")

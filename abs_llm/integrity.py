@@ -173,7 +173,13 @@ def _atomic_save_pretrained(self, save_directory, **kwargs):
     if kwargs.get("push_to_hub") or kwargs.get("is_main_process", True) is False:
         # Hub uploads keep transformers' own flow; non-main DDP ranks write nothing anyway.
         return original(self, save_directory, **kwargs)
-    return atomic_save(lambda d, **kw: original(self, d, **kw), save_directory, **kwargs)
+    def save(d, **kw):
+        original(self, d, **kw)
+        from .remote_code import write_remote_code
+
+        write_remote_code(d)  # auto_map + loader shim, so trust_remote_code=True works without `import abs_llm`
+
+    return atomic_save(save, save_directory, **kwargs)
 
 
 def install_atomic_save(model) -> None:

@@ -102,6 +102,12 @@ class SwitchableLinear(nn.Module):
     def trainable(self) -> bool:
         return self.weight is not None
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The stored weight tensor. peft probes ``qweight`` before ``weight`` to place adapters on a quantized
+        layer's device; our ``weight`` is ``None`` when frozen, so without this peft would crash."""
+        return self.weight if self.trainable else self.weight_master
+
     def master(self) -> torch.Tensor:
         """The master integers as int8 ``(out, in)`` (unpacked for a 4-bit master)."""
         if self.trainable:

@@ -68,7 +68,10 @@ def test_checkpoint_holds_only_integers_and_metadata(tiny_llama_dir, tmp_path):
         q_key = "model.layers.0.self_attn.q_proj"
         assert f.get_slice(f"{q_key}.weight_master").get_dtype() == "I8"
         assert f.get_slice(f"{q_key}.weight_scale").get_shape() == [96, 2]  # 96 = 64 + a short group of 32
-    assert not [k for k in keys if k.endswith("proj.weight")]  # no float copy of converted layers
+        # no float copy of converted layers; the one "weight" is the empty int8 load guard (remote_code.py)
+        proj = [k for k in keys if k.endswith("proj.weight")]
+        assert proj == [meta["abs_llm.load_guard"]] and f.get_slice(proj[0]).get_shape() == [0]
+        assert f.get_slice(proj[0]).get_dtype() == "I8"
     assert meta["abs_llm.format_version"] == "1"
     assert meta["abs_llm.master_bits"] == "8"
     assert json.loads(meta["abs_llm.candidate_bits"]) == CANDS

@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,9 @@ class MultiBitConfig:
         itself distills from the teacher when one is given, else uses the LM loss) or "none" (LM loss only).
     kd_alpha: loss = kd_alpha * KL + (1 - kd_alpha) * LM cross-entropy (1.0: pure distillation).
     kd_temperature: softmax temperature of the KL (loss multiplied by T^2, as usual).
+    loss_norm: divide each bit-width's loss by a running mean of itself (detached), so every precision pushes the
+        shared weights by its *relative* improvement. Without it a 2-bit KL of ~10 nats drowns an 8-bit KL of ~1e-3
+        and the low bits drag the shared weights away from the high ones (issue 7's naive prototype).
     """
 
     bits: list[int] | None = None
@@ -66,7 +69,7 @@ class MultiBitConfig:
     kd: str = "teacher"
     kd_alpha: float = 1.0
     kd_temperature: float = 1.0
-    extra: dict = field(default_factory=dict)
+    loss_norm: bool = False
 
 
 def kd_kl(student_logits, target_logits, mask, temperature: float = 1.0) -> torch.Tensor:
@@ -104,6 +107,7 @@ class MultiBitTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self._scale_mult = 1.0
         self._bit_loss = {b: [0.0, 0] for b in self.bits_order}
+        self._loss_ema: dict[int, float] = {}  # loss_norm's running means (not checkpointed: re-seeded on resume)
         self._in_checkpoint = False
         for layer in self.layers.values():  # why a hook: see "accumulate" in the module docstring
             layer.weight_scale.register_hook(lambda g: g * self._scale_mult if self._scale_mult != 1.0 else g)
@@ -238,7 +242,7 @@ class MultiBitTrainer(Trainer):
                 logits = model(**inputs).logits
                 teacher_b = inplace_target if (self.mb.kd == "inplace" and i > 0) else target
                 loss = self._bit_loss_fn(logits, labels, mask, teacher_b)
-                self.accelerator.backward(loss * (w / ga))
+                self.accelerator.backward(loss * (w / ga / self._norm(b, loss)))
             if self.mb.kd == "inplace" and b == self.bits_order[0]:
                 inplace_target = logits[:, :-1].detach()
             self._bit_loss[b][0] += float(loss.detach())
@@ -252,6 +256,14 @@ class MultiBitTrainer(Trainer):
         if self.mb.grad_adaptive and not self.mb.step_per_bit and self.accelerator.sync_gradients:
             self._grad_adaptive()
         return total
+
+    def _norm(self, bits: int, loss) -> float:
+        if not self.mb.loss_norm:
+            return 1.0
+        value = max(float(loss.detach()), 1e-8)
+        ema = self._loss_ema.get(bits, value)
+        self._loss_ema[bits] = 0.9 * ema + 0.1 * value
+        return ema
 
     def _bit_loss_fn(self, logits, labels, mask, target):
         a = self.mb.kd_alpha if target is not None else 0.0

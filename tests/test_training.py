@@ -224,3 +224,13 @@ def test_accelerate_launch_two_cpu_processes(tiny_lm_dir, tmp_path):
     re = AutoModelForCausalLM.from_pretrained(out)
     set_bits(re, 2)
     assert torch.isfinite(re(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_loss_norm_runs_and_shipped_recipes_validate(tiny_tok, tmp_path):
+    tr = _setup(tiny_tok, tmp_path, max_steps=1, loss_norm=True)
+    tr.train()
+    assert set(tr._loss_ema) == {8, 4, 2}
+    for name in ("qat_smollm2_cpu.yaml", "qat_smollm2_h100.yaml"):
+        r = load_recipe(ROOT / "recipes" / name, max_steps=1, output_dir=str(tmp_path / name))
+        MultiBitConfig(**r["multibit"])
+        TrainingArguments(output_dir=r["output_dir"], **r["train"])

@@ -205,8 +205,28 @@ def run_demo(args):
     demo(args.out, group_size=args.group_size, max_chunks=args.max_chunks, prompt=args.prompt)
 
 
+# ---- train ------------------------------------------------------------------------------------------------------------
+def add_train(sub):
+    p = sub.add_parser("train", help="joint multi-bit QAT from a recipe YAML (also: accelerate launch -m abs_llm.cli train)")
+    p.add_argument("recipe", help="recipe YAML (see recipes/ and abs_llm/recipe.py for the schema)")
+    p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--output-dir", default=None, help="override output_dir; receives the final switchable checkpoint")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if OUTPUT_DIR holds checkpoint-* dirs")
+    p.add_argument("--resume-from", default=None, help="resume from this Trainer checkpoint directory")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args):
+    from .recipe import train
+
+    resume = args.resume_from or (not args.no_resume)
+    trainer = train(args.recipe, max_steps=args.max_steps, output_dir=args.output_dir, resume=resume)
+    if trainer.args.should_save:
+        print(f"wrote switchable checkpoint {trainer.args.output_dir} (trained on world_size={trainer.args.world_size})")
+
+
 # ---- main -------------------------------------------------------------------------------------------------------------
-COMMANDS = [add_demo, add_quantize, add_eval, add_export, add_push]
+COMMANDS = [add_demo, add_quantize, add_eval, add_train, add_export, add_push]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,214 @@
+"""QAT recipes: a YAML file -> data, switchable model, ``MultiBitTrainer`` -> final switchable checkpoint.
+
+Schema (every key optional except where noted; unknown keys are errors so a typo never silently does nothing)::
+
+    model: null                   # HF id or local path; null = the embedded SmolLM2-135M-Instruct
+    output_dir: outputs/qat
+    data:
+      source: lee                 # "lee" (embedded corpus) | a local .txt/.json/.jsonl file | a Hub dataset name
+      split: train                # lee: train|eval; Hub: split name
+      docs: [0, 225]              # optional [start, end) slice of the documents (keep a validation slice out)
+      text_field: text            # json / Hub column holding the text
+      block_size: 256             # tokens per packed training block
+    quant: {candidate_bits: [8, 6, 4, 3, 2], master_bits: 8, group_size: 64}
+    multibit:                     # MultiBitConfig fields (abs_llm.training)
+      bits: [8, 6, 4, 3, 2]
+      bit_weights: {2: 0.5}
+      step_per_bit: false
+      alrs: true
+      scale_lr: 1.0e-4
+      grad_adaptive: false
+      kd: teacher                 # teacher | inplace | none
+      kd_alpha: 1.0
+      kd_temperature: 1.0
+    train:                        # transformers.TrainingArguments fields
+      max_steps: 40
+      per_device_train_batch_size: 2
+      learning_rate: 1.0e-5
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+TOP_KEYS = {"model", "output_dir", "data", "quant", "multibit", "train"}
+DATA_KEYS = {"source", "split", "docs", "text_field", "block_size", "config"}
+QUANT_KEYS = {"candidate_bits", "master_bits", "group_size"}
+TRAIN_DEFAULTS = dict(max_steps=40, per_device_train_batch_size=2, learning_rate=1e-5, weight_decay=0.0,
+                      lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_steps=20,
+                      save_total_limit=2, report_to=[], seed=0, max_grad_norm=1.0)
+
+
+def load_recipe(path: str | os.PathLike, max_steps: int | None = None, output_dir: str | None = None) -> dict:
+    """Read and validate a recipe; command-line overrides win."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"recipe {path} does not exist")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe {path} must be a YAML mapping")
+    for name, keys, section in (("top level", TOP_KEYS, recipe), ("data", DATA_KEYS, recipe.get("data") or {}),
+                                ("quant", QUANT_KEYS, recipe.get("quant") or {})):
+        unknown = set(section) - keys
+        if unknown:
+            raise ValueError(f"recipe {path}: unknown {name} keys {sorted(unknown)}; allowed {sorted(keys)}")
+    train = {**TRAIN_DEFAULTS, **(recipe.get("train") or {})}
+    if max_steps is not None:
+        train["max_steps"] = max_steps
+    if not isinstance(train["max_steps"], int) or train["max_steps"] < 1:
+        raise ValueError(f"max_steps must be an integer >= 1, got {train['max_steps']!r}")
+    if not float(train["learning_rate"]) > 0:
+        raise ValueError(f"learning_rate must be > 0, got {train['learning_rate']}")
+    recipe["train"] = train
+    recipe["output_dir"] = output_dir or recipe.get("output_dir") or "outputs/qat"
+    recipe.setdefault("data", {})
+    recipe.setdefault("quant", {})
+    recipe["multibit"] = recipe.get("multibit") or {}
+    return recipe
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+def load_texts(data: dict) -> list[str]:
+    """Documents from the embedded Lee corpus, a local text/json file, or a Hub dataset (online only)."""
+    source = data.get("source", "lee")
+    field = data.get("text_field", "text")
+    if source == "lee":
+        from .data import default_corpus
+
+        texts = default_corpus(data.get("split", "train"))
+    else:
+        import datasets
+
+        p = Path(source)
+        if p.exists():
+            kind = "json" if p.suffix in (".json", ".jsonl") else "text"
+            ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+        else:
+            ds = datasets.load_dataset(source, data.get("config"), split=data.get("split", "train"))
+        if field not in ds.column_names:
+            raise ValueError(f"dataset {source} has no column {field!r}; columns {ds.column_names} (set data.text_field)")
+        texts = list(ds[field])
+    docs = data.get("docs")
+    if docs is not None:
+        texts = texts[docs[0]:docs[1]]
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError(f"dataset {source} (docs {docs}) holds no non-empty text")
+    return texts
+
+
+def pack_blocks(tokenizer, texts: list[str], block_size: int):
+    """Tokenize each document (no special tokens, documents joined by "\\n\\n" as in evaluation), concatenate and cut
+    into full ``block_size`` blocks; the short tail is dropped. Returns a ``datasets.Dataset``."""
+    import datasets
+
+    if not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"block_size must be an integer >= 2, got {block_size!r}")
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + sep
+    n = len(ids) // block_size
+    if n == 0:
+        raise ValueError(f"dataset too short: {len(ids)} tokens, fewer than one block of {block_size}")
+    blocks = [ids[i * block_size:(i + 1) * block_size] for i in range(n)]
+    return datasets.Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size] * n,
+                                       "labels": blocks})
+
+
+# ---- run ----------------------------------------------------------------------------------------------------------
+def build_trainer(recipe: dict):
+    """Model, teacher, data and ``MultiBitTrainer`` for a validated recipe (nothing trained yet)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator
+
+    from .config import DoubleRoundingConfig
+    from .hf_quantizer import quantize
+    from .training import MultiBitConfig, MultiBitTrainer
+
+    qcfg = DoubleRoundingConfig(**{"candidate_bits": [8, 6, 4, 3, 2], "group_size": 64, **recipe["quant"]})
+    qcfg.bits = max(qcfg.candidate_bits)
+    mb_fields = dict(recipe["multibit"])
+    if "bit_weights" in mb_fields and mb_fields["bit_weights"]:
+        mb_fields["bit_weights"] = {int(k): float(v) for k, v in mb_fields["bit_weights"].items()}
+    try:
+        mb = MultiBitConfig(**mb_fields)
+    except TypeError as e:
+        raise ValueError(f"recipe multibit section: {e}") from None
+    bad = [b for b in (mb.bits or []) if b not in qcfg.candidate_bits]
+    if bad:
+        raise ValueError(f"multibit.bits {bad} are not in quant.candidate_bits {qcfg.candidate_bits}")
+    try:
+        args = TrainingArguments(output_dir=recipe["output_dir"], **recipe["train"])
+    except TypeError as e:
+        raise ValueError(f"recipe train section: {e}") from None
+
+    if recipe.get("model"):
+        path = recipe["model"]
+    else:
+        from .data import default_model_path
+
+        path = default_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    data = recipe["data"]
+    train_ds = pack_blocks(tok, load_texts(data), data.get("block_size", 256))  # data errors before the model loads
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    teacher = copy.deepcopy(model).eval() if mb.kd != "none" else None
+    quantize(model, qcfg, trainable=True)
+    model.config.use_cache = False
+    return MultiBitTrainer(model=model, args=args, multibit=mb, teacher=teacher, train_dataset=train_ds,
+                           data_collator=default_data_collator, processing_class=tok)
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+def train(recipe_path, max_steps=None, output_dir=None, resume: bool | str = True):
+    """Run a recipe end to end. ``resume=True`` continues from the newest ``checkpoint-*`` in the output dir."""
+    recipe = load_recipe(recipe_path, max_steps, output_dir)
+    trainer = build_trainer(recipe)
+    ckpt = resume if isinstance(resume, str) else (last_checkpoint(recipe["output_dir"]) if resume else None)
+    if ckpt:
+        logger.warning("resuming from %s", ckpt)
+    trainer.train(resume_from_checkpoint=ckpt)
+    out = recipe["output_dir"]
+    trainer.save_switchable(out)
+    if trainer.args.should_save:
+        Path(out, "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        plot_losses(trainer.state.log_history, Path(out, "loss_per_bits.png"))
+    return trainer
+
+
+def plot_losses(log_history: list[dict], path) -> None:
+    """Loss per bit-width against step (keys ``loss_w<b>`` written by ``MultiBitTrainer.log``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for e in log_history for k in e if k.startswith("loss_w")}, key=lambda k: -int(k[6:]))
+    if not keys:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in keys:
+        pts = [(e["step"], e[k]) for e in log_history if k in e]
+        ax.plot(*zip(*pts), label=f"{k[6:]}-bit")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (KD/LM)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -72,6 +72,7 @@ def hessian_traces(
     bits: int | None = None,
     loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
     progress: bool = True,
+    history: list | None = None,
 ) -> dict[str, float]:
     """Hutchinson estimate of the mean Hessian diagonal ``tr(H_l) / n_l`` of the loss w.r.t. each layer's weight.
 
@@ -85,6 +86,8 @@ def hessian_traces(
         batches: token-id LongTensors ``[B, T]`` (loss = causal LM loss with labels = inputs) or dicts of model
             kwargs, or anything ``loss_fn(model, batch)`` accepts.
         bits: weight point at which the Hessian is taken (default: each layer's master bits, i.e. ~float).
+        history: a list that receives one ``{name: v^T H v / n_l}`` dict per Hessian-vector product (batch-major), so
+            the estimate from the first k samples can be studied without recomputing.
     Returns ``{module_name: tr(H_l) / n_l}`` for every SwitchableLinear.
     """
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
@@ -114,10 +117,13 @@ def hessian_traces(
                     raise ValueError(f"calibration loss is {loss.item()}; cannot estimate Hessian traces")
                 grads = torch.autograd.grad(loss, ws, create_graph=True)
                 for _ in range(n_samples):
-                    vs = [(torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w) for w in ws]
+                    vs = [torch.empty(w.shape).bernoulli_(0.5, generator=gen).mul_(2).sub_(1).to(w) for w in ws]
                     hvs = torch.autograd.grad(grads, ws, grad_outputs=vs, retain_graph=True)
-                    for n, v, hv in zip(names, vs, hvs):
-                        sums[n] += float((v * hv).sum(dtype=torch.float64))
+                    vhv = {n: float((v * hv).sum(dtype=torch.float64)) for n, v, hv in zip(names, vs, hvs)}
+                    for n in names:
+                        sums[n] += vhv[n]
+                    if history is not None:
+                        history.append({n: vhv[n] / _numel(layers[n]) for n in names})
                     bar.update(1)
                 del grads, loss
             bar.close()
@@ -313,7 +319,7 @@ def perturbations(model: nn.Module, candidate_bits=None) -> tuple[list[str], lis
 
 
 def search(model: nn.Module, traces: dict[str, float], avg_bits: float | None = None, size_bytes: int | None = None,
-           candidate_bits=None, time_limit: float = 120.0) -> dict[str, int]:
+           candidate_bits=None, time_limit: float = 120.0, perturbation=None) -> dict[str, int]:
     """Per-layer bit map minimising ``sum_l (t_l/n_l) ||W_l(b_l) - W_l||^2`` under a budget, solved exactly.
 
     Budget: ``avg_bits`` (``sum_l n_l b_l <= avg_bits * sum_l n_l``) or ``size_bytes`` (the ``model_bytes`` of the
@@ -321,13 +327,17 @@ def search(model: nn.Module, traces: dict[str, float], avg_bits: float | None = 
     MILP: binary ``x[l, b]``, one bit-width per layer, one budget row; HiGHS with zero optimality gap. At the exact
     optimum a more sensitive layer never gets fewer bits than a less sensitive one with the same weights (swapping
     their bits would lower the objective at equal cost). The map is returned, not applied (see :func:`set_bits`).
+    ``perturbation``: the result of :func:`perturbations` for this model, to reuse across budgets (it costs one
+    derivation per layer and candidate; the MILP itself takes well under a second).
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     if (avg_bits is None) == (size_bytes is None):
         raise ValueError("give exactly one budget: avg_bits or size_bytes")
     traces = check_traces(model, traces)
-    names, cands, delta = perturbations(model, candidate_bits)
+    names, cands, delta = perturbation or perturbations(model, candidate_bits)
+    if names != list(switchable_layers(model)):
+        raise ValueError("perturbation was computed for a different set of layers")
     layers = switchable_layers(model)
     n = np.array([_numel(layers[k]) for k in names], dtype=np.float64)
     rng = feasible_range(model, cands)

@@ -194,3 +194,41 @@ def test_search_size_budget_and_persistence(tiny_llama, tokens, tmp_path):
     assert back.config.quantization_config.hessian_traces == pytest.approx(tr)
     with torch.no_grad():
         assert torch.equal(back(tokens).logits, ref)
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------------------
+class FakeTok:
+    """Character-level stand-in for the tiny model's 128-token vocabulary."""
+
+    def __call__(self, text, add_special_tokens=False, verbose=False):
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+    def save_pretrained(self, path):
+        pass
+
+
+def test_cli_search_and_sweep(tiny_llama, tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    import transformers
+
+    from abs_llm.cli import main as cli
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: FakeTok())
+    ckpt = tmp_path / "q"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=DoubleRoundingConfig(bits=8))
+    model.save_pretrained(ckpt)
+    out = tmp_path / "s"
+    assert cli(["search", str(ckpt), "--avg-bits", "3", "--calib-docs", "5", "--calib-seq-len", "16",
+                "--n-samples", "2", "--out", str(out), "--sweep", "--sweep-bits", "3,5", "--max-chunks", "1"]) == 0
+    report = json.loads((out / "hasb.json").read_text())
+    assert report["avg_bits"] <= 3 and len(report["layers"]) == len(report["traces"]) == 14
+    back = AutoModelForCausalLM.from_pretrained(out)
+    assert get_bits(back) == {r["name"]: r["bits"] for r in report["layers"]} or len({r["bits"] for r in report["layers"]}) == 1
+    assert back.config.quantization_config.hessian_traces == pytest.approx(report["traces"])
+    table = json.loads((out / "sweep.json").read_text())
+    assert [r["avg_bits_budget"] for r in table["mixed"]] == [3, 5] and len(table["uniform"]) == 5
+    assert (out / "sweep.png").stat().st_size > 1000
+    capsys.readouterr()  # a second search reuses the traces stored in the checkpoint, and bad budgets are refused
+    assert cli(["search", str(out), "--avg-bits", "9", "--out", str(tmp_path / "t")]) == 2
+    assert "feasible range [2, 8]" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not empty"):
+        cli(["search", str(ckpt), "--avg-bits", "3", "--out", str(out)])

@@ -23,6 +23,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from . import core
 from .config import FORMAT_VERSION, DoubleRoundingConfig
+from .integrity import install_atomic_save, verify_enabled, verify_file
 from .layers import SwitchableLinear
 from .switching import set_bits, switchable_layers
 
@@ -101,6 +102,7 @@ def _attach(model: nn.Module, config: DoubleRoundingConfig) -> None:
     model.hf_quantizer = DoubleRoundingHfQuantizer(config, pre_quantized=False)
     model.is_quantized = True
     model.quantization_method = config.quant_method
+    install_atomic_save(model)
 
 
 def checkpoint_metadata(model: nn.Module, config: DoubleRoundingConfig) -> dict[str, str]:
@@ -158,6 +160,7 @@ class DoubleRoundingHfQuantizer(HfQuantizer):
                 raise ValueError(f"checkpoint is missing the master or scale of {name}")
             layer.invalidate_cache()
         _apply_config_bits(model, cfg)
+        install_atomic_save(model)
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -191,14 +194,19 @@ def check_checkpoint(files, model, targets: list[str], cfg: DoubleRoundingConfig
 
     header: dict[str, tuple[str, list[int]]] = {}
     meta: dict[str, str] = {}
+    file_meta = {}
     for f in files:
         if not str(f).endswith(".safetensors"):
             raise ValueError(f"double_rounding checkpoints must be safetensors; got {f}")
-        with safe_open(f, framework="pt") as sf:
-            meta.update(sf.metadata() or {})
-            for k in sf.keys():
-                sl = sf.get_slice(k)
-                header[k] = (sl.get_dtype(), list(sl.get_shape()))
+        try:
+            with safe_open(f, framework="pt") as sf:
+                file_meta[f] = sf.metadata() or {}
+                for k in sf.keys():
+                    sl = sf.get_slice(k)
+                    header[k] = (sl.get_dtype(), list(sl.get_shape()))
+        except Exception as e:  # safetensors raises its own error type for truncated/garbled files
+            raise ValueError(f"{f}: unreadable safetensors file (truncated or corrupted?): {e}") from e
+        meta.update(file_meta[f])
     version = meta.get(META_PREFIX + "format_version")
     if version is None:
         raise ValueError(f"{files[0]}: safetensors metadata lacks '{META_PREFIX}format_version'; not an abs_llm checkpoint")
@@ -228,3 +236,6 @@ def check_checkpoint(files, model, targets: list[str], cfg: DoubleRoundingConfig
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
         raise ValueError(f"checkpoint does not match its double_rounding config: {shown}")
+    if verify_enabled():
+        for f, m in file_meta.items():
+            verify_file(f, m)

@@ -28,3 +28,10 @@ def tiny_llama_dir(tiny_llama, tmp_path):
 def tokens():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 128, (2, 16), generator=g)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests._report import RELIABILITY
+
+    if any(RELIABILITY.values()):
+        terminalreporter.write_line("reliability: " + ", ".join(f"{k}: {v}" for k, v in RELIABILITY.items()))

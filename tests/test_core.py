@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from abs_llm import core
+from tests._report import RELIABILITY
 
 # (master_bits, bits, q_master, q_derived): hand-computed, round half to even, then clamp.
 DERIVE_CASES = [
@@ -113,6 +114,7 @@ group_sizes = st.sampled_from([None, 16, 32, 64, 128])
 @given(shape=shapes, group_size=group_sizes, seed=st.integers(0, 2**16), h=st.sampled_from([8, 4]),
        log_scale=st.floats(-4, 2))
 def test_properties(shape, group_size, seed, h, log_scale):
+    RELIABILITY["property examples run"] += 1
     torch.manual_seed(seed)
     w = torch.randn(*shape) * 10**log_scale
     s = core.init_scale(w, h, group_size)
@@ -138,6 +140,7 @@ def test_properties(shape, group_size, seed, h, log_scale):
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(1, 5), cols=st.integers(1, 41), seed=st.integers(0, 1000))
 def test_pack_int4_round_trip(rows, cols, seed):
+    RELIABILITY["property examples run"] += 1
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(-8, 8, (rows, cols), generator=g, dtype=torch.int8)
     packed = core.pack_int4(q)
@@ -203,3 +206,35 @@ def test_rtn_baseline_differs_from_double_rounding_but_both_in_range():
     dr = core.derived_weight(core.quantize_master(w, s, 8, 32), s, 8, 4, 32)
     assert rtn.shape == dr.shape == w.shape
     assert (w - rtn).abs().max() < w.abs().max() / 7
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, group_size=group_sizes, seed=st.integers(0, 2**16), h=st.sampled_from([8, 4]))
+def test_error_grows_as_bits_shrink(shape, group_size, seed, h):
+    """Mean |W - W_l| is non-increasing in l on average (a single group can buck the trend by a rounding tie)."""
+    RELIABILITY["property examples run"] += 1
+    torch.manual_seed(seed)
+    w = torch.randn(shape[0], max(shape[1], 16))
+    s = core.init_scale(w, h, group_size)
+    q = core.quantize_master(w, s, h, group_size)
+    errs = [(w - core.derived_weight(q, s, h, l, group_size)).abs().mean().item() for l in core.allowed_candidates(h)]
+    # errs is ordered 2..h bits: allow ties within float noise only
+    assert all(a >= b - 1e-6 for a, b in zip(errs, errs[1:])), errs
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, group_size=group_sizes, seed=st.integers(0, 2**16))
+def test_derived_error_bound(shape, group_size, seed):
+    """Inside the l-bit clipping range, |W - W_l| <= s_l / 2 + s_h / 2 (one rounding at each level)."""
+    RELIABILITY["property examples run"] += 1
+    torch.manual_seed(seed)
+    w = torch.randn(*shape)
+    s = core.init_scale(w, 8, group_size)
+    q = core.quantize_master(w, s, 8, group_size)
+    step = core.expand_scale(s, shape[1], group_size)
+    for l in (6, 4, 3, 2):
+        s_l = step * 2 ** (8 - l)
+        lo, hi = core.qrange(l)
+        inside = (w / s_l >= lo) & (w / s_l <= hi)
+        err = (w - core.derived_weight(q, s, 8, l, group_size)).abs()
+        assert torch.all(err[inside] <= (s_l / 2 + step / 2)[inside] * (1 + 1e-5))

@@ -225,8 +225,106 @@ def run_train(args):
         print(f"wrote switchable checkpoint {trainer.args.output_dir} (trained on world_size={trainer.args.world_size})")
 
 
+# ---- search -----------------------------------------------------------------------------------------------------------
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 2.5,3,4, got {text!r}") from None
+
+
+def add_search(sub):
+    p = sub.add_parser("search", help="HASB: Hessian traces on train docs, then per-layer bits under a budget (MILP)")
+    p.add_argument("checkpoint", help="switchable (double_rounding) checkpoint directory")
+    p.add_argument("--out", required=True, help="output dir: checkpoint with the chosen map + hasb.json")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--avg-bits", type=float, help="average weight bits budget")
+    budget.add_argument("--size-bytes", type=int, help="model size budget in bytes (packed weights + scales + rest)")
+    p.add_argument("--calib-docs", type=int, default=250, help="first N train-split documents for calibration")
+    p.add_argument("--calib-seq-len", type=int, default=128)
+    p.add_argument("--calib-batch-size", type=int, default=1)
+    p.add_argument("--calib-batches", type=int, default=1)
+    p.add_argument("--n-samples", type=int, default=16, help="Hutchinson Rademacher vectors per batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--traces", default=None, help="reuse traces from a JSON file ({name: trace} or a hasb.json)")
+    p.add_argument("--recompute", action="store_true", help="ignore traces stored in the checkpoint")
+    p.add_argument("--sweep", action="store_true", help="also write sweep.json + sweep.png (PPL vs average bits)")
+    p.add_argument("--sweep-bits", type=_floats, default=[2.5, 3, 3.5, 4, 5, 6])
+    p.add_argument("--split", default="eval", choices=["train", "eval"], help="sweep PPL split (default held-out)")
+    p.add_argument("--max-chunks", type=int, default=None, help="cap sweep PPL windows")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run_search)
+
+
+def _load_traces(args, model):
+    if args.traces:
+        data = json.loads(Path(args.traces).read_text())
+        return data.get("traces", data), f"file {args.traces}"
+    stored = getattr(model.config.quantization_config, "hessian_traces", None)
+    if stored and not args.recompute:
+        return stored, "checkpoint config"
+    return None, None
+
+
+def run_search(args):
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import hasb
+    from .data import default_corpus
+    from .hasb_eval import calibration_batches, layer_table, plot_sweep, sweep
+    from .switching import model_bytes, set_bits, switchable_layers
+
+    if args.avg_bits is None and args.size_bytes is None and not args.sweep:
+        raise SystemExit("error: give --avg-bits or --size-bytes (or --sweep)")
+    if args.calib_docs < 1 or args.calib_docs > 250:
+        raise SystemExit(f"error: --calib-docs must be in [1, 250] (the train split), got {args.calib_docs}")
+    out = prepare_output_dir(args.out, args.overwrite)
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint)
+    tok = AutoTokenizer.from_pretrained(args.checkpoint)
+    if not switchable_layers(model):
+        raise SystemExit(f"error: {args.checkpoint} is not a switchable (double_rounding) checkpoint")
+    report = {"checkpoint": str(args.checkpoint)}
+    traces, source = _load_traces(args, model)
+    if traces is None:
+        batches = calibration_batches(tok, default_corpus("train")[: args.calib_docs], args.calib_seq_len,
+                                      args.calib_batch_size, args.calib_batches)
+        t = time.perf_counter()
+        traces = hasb.hessian_traces(model, batches, n_samples=args.n_samples, seed=args.seed)
+        report["trace_seconds"] = time.perf_counter() - t
+        source = f"estimated ({args.n_samples} samples x {args.calib_batches} batch(es), seed {args.seed})"
+        report["calibration"] = {k: getattr(args, k) for k in ("calib_docs", "calib_seq_len", "calib_batch_size",
+                                                              "calib_batches", "n_samples", "seed")}
+    traces = hasb.check_traces(model, traces, clip=False)
+    report["traces_source"] = source
+    print(f"traces: {source}")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.avg_bits is not None or args.size_bytes is not None:
+        t = time.perf_counter()
+        bit_map = hasb.search(model, traces, avg_bits=args.avg_bits, size_bytes=args.size_bytes)
+        report["search_seconds"] = time.perf_counter() - t
+        set_bits(model, bit_map)
+        hasb.attach_traces(model, traces)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        report.update(avg_bits=hasb.average_bits(model), bytes=model_bytes(model),
+                      budget={"avg_bits": args.avg_bits, "size_bytes": args.size_bytes},
+                      layers=layer_table(model, traces, bit_map))
+        print(f"wrote {out}: average {report['avg_bits']:.3f} bits, {report['bytes'] / 1e6:.1f} MB")
+    report["traces"] = traces
+    (out / "hasb.json").write_text(json.dumps(report, indent=2))
+    if args.sweep:
+        cands = sorted(next(iter(switchable_layers(model).values())).candidate_bits)
+        table = sweep(model, tok, traces, default_corpus(args.split), args.sweep_bits, uniform_bits=cands,
+                      max_chunks=args.max_chunks)
+        (out / "sweep.json").write_text(json.dumps(table, indent=2))
+        plot_sweep(table, out / "sweep.png")
+        print(f"wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
+
+
 # ---- main -------------------------------------------------------------------------------------------------------------
-COMMANDS = [add_demo, add_quantize, add_eval, add_train, add_export, add_push]
+COMMANDS = [add_demo, add_quantize, add_eval, add_train, add_search, add_export, add_push]
 
 
 def build_parser() -> argparse.ArgumentParser:

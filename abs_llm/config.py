@@ -32,6 +32,8 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
         kernel: matmul used at run time, ``"auto"`` (best stock-PyTorch integer kernel for the bit-width, device and
             activation dtype, see :mod:`abs_llm.kernels`), ``"dequant"`` or a named kernel. Not stored when
             ``"auto"``, so default checkpoints stay readable by versions without this field.
+        hessian_traces: optional ``{module_name: tr(H_l)/n_l}`` from ``abs_llm.hasb.hessian_traces`` (HASB), kept so a
+            later search can reuse them without recomputing.
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
         group_size: int | None = 64,
         modules_to_not_convert: list[str] | None = None,
         layer_bits: dict[str, int] | None = None,
+        hessian_traces: dict[str, float] | None = None,
         format_version: int = FORMAT_VERSION,
         kernel: str = "auto",
         **kwargs,
@@ -53,6 +56,7 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
         self.group_size = group_size
         self.modules_to_not_convert = modules_to_not_convert
         self.layer_bits = layer_bits
+        self.hessian_traces = hessian_traces
         self.format_version = format_version
         self.kernel = kernel
         unknown = set(kwargs) - {"quant_method"}
@@ -83,6 +87,15 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
             for name, b in self.layer_bits.items():
                 _check_bits(f"layer_bits[{name!r}]", b, self.candidate_bits)
             self.layer_bits = dict(self.layer_bits) or None
+        if self.hessian_traces is not None:
+            import math
+
+            if not isinstance(self.hessian_traces, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in self.hessian_traces.values()
+            ):
+                raise ValueError("hessian_traces must be a dict {module_name: finite number}")
+            self.hessian_traces = {str(k): float(v) for k, v in self.hessian_traces.items()} or None
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"checkpoint format_version {self.format_version} is newer than this abs_llm supports ({FORMAT_VERSION});"

@@ -108,7 +108,10 @@ def _attach(model: nn.Module, config: DoubleRoundingConfig) -> None:
 
 def checkpoint_metadata(model: nn.Module, config: DoubleRoundingConfig) -> dict[str, str]:
     layers = switchable_layers(model)
-    return {
+    extra = {}
+    if getattr(config, "hessian_traces", None):  # HASB sensitivities travel with the weights they were measured on
+        extra[META_PREFIX + "hessian_traces"] = json.dumps(config.hessian_traces, sort_keys=True)
+    return extra | {
         META_PREFIX + "format_version": str(FORMAT_VERSION),
         META_PREFIX + "quant_method": config.quant_method,
         META_PREFIX + "master_bits": str(config.master_bits),

@@ -218,6 +218,7 @@ class HASBSampler:
         self.sensitive = {n: self.traces[n] >= mean for n in self.names}
         bits = np.array(self.candidates, dtype=np.float64)
         self._p_sensitive = bits / bits.sum()
+        self.seed = seed
         self._rng = np.random.default_rng(seed)
         self.current = {n: m.bits for n, m in layers.items()}
 
@@ -227,24 +228,29 @@ class HASBSampler:
             return dict(zip(self.candidates, self._p_sensitive.tolist()))
         return {b: 1 / len(self.candidates) for b in self.candidates}
 
-    def sample(self, progress: float, base_bits: int | None = None) -> dict[str, int]:
-        """Draw the next per-layer map (not applied). ``progress`` is clamped to [0, 1]."""
+    def sample(self, progress: float, base_bits: int | None = None, key: tuple[int, ...] | None = None) -> dict[str, int]:
+        """Draw the next per-layer map (not applied). ``progress`` is clamped to [0, 1].
+
+        ``key`` (e.g. ``(step, bit_index)``) draws from a generator seeded with ``(seed, *key)`` instead of the running
+        one, so the map depends only on where training is: a resumed run or every DDP rank draws the same maps.
+        """
+        rng = self._rng if key is None else np.random.default_rng([self.seed, *map(int, key)])
         sigma = min(max(float(self.sigma(min(max(progress, 0.0), 1.0))), 0.0), 1.0)
         if base_bits is not None and base_bits not in self.candidates:
             raise ValueError(f"base_bits={base_bits} is not a candidate; allowed {self.candidates}")
         out = {}
         uniform = np.full(len(self.candidates), 1 / len(self.candidates))
         for n in self.names:
-            if self._rng.random() < sigma:
+            if rng.random() < sigma:
                 p = self._p_sensitive if self.sensitive[n] else uniform
-                out[n] = int(self._rng.choice(self.candidates, p=p))
+                out[n] = int(rng.choice(self.candidates, p=p))
             else:
                 out[n] = self.current[n] if base_bits is None else base_bits
         return out
 
-    def step(self, progress: float, base_bits: int | None = None) -> dict[str, int]:
+    def step(self, progress: float, base_bits: int | None = None, key: tuple[int, ...] | None = None) -> dict[str, int]:
         """Sample the next map and apply it to the model with ``set_bits``; returns the map."""
-        self.current = self.sample(progress, base_bits)
+        self.current = self.sample(progress, base_bits, key)
         set_bits(self.model, self.current)
         return self.current
 

@@ -21,6 +21,8 @@ Schema (every key optional except where noted; unknown keys are errors so a typo
       kd: teacher                 # teacher | inplace | none
       kd_alpha: 1.0
       kd_temperature: 1.0
+      hasb: false                 # HASB roulette bit sampling (mixed-precision supernet)
+      hasb_traces: null           # {layer: trace} or a JSON file; null: stored in the model, else estimated here
     train:                        # transformers.TrainingArguments fields
       max_steps: 40
       per_device_train_batch_size: 2
@@ -164,8 +166,27 @@ def build_trainer(recipe: dict):
     teacher = copy.deepcopy(model).eval() if mb.kd != "none" else None
     quantize(model, qcfg, trainable=True)
     model.config.use_cache = False
+    if mb.hasb and mb.hasb_traces is None and not getattr(model.config.quantization_config, "hessian_traces", None):
+        mb.hasb_traces = estimate_traces(model, train_ds, seed=mb.hasb_seed)
     return MultiBitTrainer(model=model, args=args, multibit=mb, teacher=teacher, train_dataset=train_ds,
                            data_collator=default_data_collator, processing_class=tok)
+
+
+def estimate_traces(model, train_ds, n_blocks: int = 2, n_samples: int = 8, seed: int = 0) -> dict[str, float]:
+    """HASB sensitivities from the first training blocks (Hutchinson, ``n_samples`` per block), for a recipe with
+    ``hasb: true`` and no traces; seconds on a tiny model, minutes on the default one (see BENCHMARKS.md)."""
+    import time
+
+    import torch
+
+    from .hasb import hessian_traces
+
+    batches = [torch.tensor([ids]) for ids in train_ds[:n_blocks]["input_ids"]]
+    t = time.perf_counter()
+    traces = hessian_traces(model, batches, n_samples=n_samples, seed=seed)
+    logger.warning("estimated HASB traces on %d block(s) x %d samples in %.0f s", len(batches), n_samples,
+                   time.perf_counter() - t)
+    return traces
 
 
 def last_checkpoint(output_dir: str) -> str | None:

@@ -54,6 +54,12 @@ class MultiBitConfig:
         itself distills from the teacher when one is given, else uses the LM loss) or "none" (LM loss only).
     kd_alpha: loss = kd_alpha * KL + (1 - kd_alpha) * LM cross-entropy (1.0: pure distillation).
     kd_temperature: softmax temperature of the KL (loss multiplied by T^2, as usual).
+    hasb: per step and bit-width, resample layers' bit-widths with the HASB roulette sampler (mixed-precision supernet
+        training, ``abs_llm.hasb.HASBSampler``); layers not resampled train at the step's bit-width.
+    hasb_traces: ``{layer: tr(H_l)/n_l}``, or a path to a JSON file holding them (``{name: trace}`` or the
+        ``hasb.json`` of ``abs-llm search``); None: the traces stored in the model's quantization config.
+    hasb_sigma_schedule, hasb_sigma_min, hasb_sigma_max: resampling probability sigma over training progress.
+    hasb_seed: the maps are drawn from ``(hasb_seed, step, bit index)``, so resumed and DDP runs draw the same maps.
     loss_norm: divide each bit-width's loss by a running mean of itself (detached), so every precision pushes the
         shared weights by its *relative* improvement. Without it a 2-bit KL of ~10 nats drowns an 8-bit KL of ~1e-3
         and the low bits drag the shared weights away from the high ones (issue 7's naive prototype).
@@ -70,6 +76,27 @@ class MultiBitConfig:
     kd_alpha: float = 1.0
     kd_temperature: float = 1.0
     loss_norm: bool = False
+    hasb: bool = False
+    hasb_traces: dict[str, float] | str | None = None
+    hasb_sigma_schedule: str = "linear"
+    hasb_sigma_min: float = 0.0
+    hasb_sigma_max: float = 1.0
+    hasb_seed: int = 0
+
+
+def load_traces(source) -> dict[str, float]:
+    """HASB traces from a dict or a JSON file (``{name: trace}`` or a ``hasb.json`` with a ``traces`` key)."""
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            with open(source) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read HASB traces from {source}: {e}") from None
+        source = data.get("traces", data) if isinstance(data, dict) else data
+    if not isinstance(source, dict) or not source:
+        raise ValueError("HASB traces must be a non-empty {layer: trace} dict; estimate them with "
+                         "abs_llm.hasb.hessian_traces or `abs-llm search`")
+    return source
 
 
 def kd_kl(student_logits, target_logits, mask, temperature: float = 1.0) -> torch.Tensor:
@@ -104,10 +131,12 @@ class MultiBitTrainer(Trainer):
         self.teacher = teacher
         if teacher is not None:
             teacher.eval().requires_grad_(False)
+        self.hasb = self._hasb_sampler(model) if self.mb.hasb else None
         super().__init__(model=model, args=args, **kwargs)
         self._scale_mult = 1.0
         self._bit_loss = {b: [0.0, 0] for b in self.bits_order}
         self._loss_ema: dict[int, float] = {}  # loss_norm's running means (not checkpointed: re-seeded on resume)
+        self._hasb_bits = [0.0, 0]
         self._in_checkpoint = False
         for layer in self.layers.values():  # why a hook: see "accumulate" in the module docstring
             layer.weight_scale.register_hook(lambda g: g * self._scale_mult if self._scale_mult != 1.0 else g)
@@ -154,6 +183,22 @@ class MultiBitTrainer(Trainer):
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
             raise ValueError("the training dataset is empty")
         return layers
+
+    def _hasb_sampler(self, model):
+        from .hasb import HASBSampler, attach_traces
+
+        source = self.mb.hasb_traces
+        if source is None:
+            source = getattr(getattr(model.config, "quantization_config", None), "hessian_traces", None)
+            if not source:
+                raise ValueError("hasb=True needs Hessian traces: pass multibit hasb_traces (a dict or a JSON file from "
+                                 "`abs-llm search`), or quantize a model whose config stores them")
+        traces = load_traces(source)
+        sampler = HASBSampler(model, traces, candidate_bits=self.bits_order, sigma_schedule=self.mb.hasb_sigma_schedule,
+                              seed=self.mb.hasb_seed, sigma_min=self.mb.hasb_sigma_min,
+                              sigma_max=self.mb.hasb_sigma_max)
+        attach_traces(model, traces)  # the final checkpoint records the sensitivities the supernet was trained with
+        return sampler
 
     # ---- optimiser ----------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -234,6 +279,11 @@ class MultiBitTrainer(Trainer):
             if w == 0:
                 continue
             set_bits(unwrapped, b)
+            if self.hasb is not None:
+                progress = self.state.global_step / max(self.state.max_steps, 1)
+                bit_map = self.hasb.step(progress, base_bits=b, key=(self.state.global_step, i))
+                self._hasb_bits[0] += sum(bit_map.values()) / len(bit_map)
+                self._hasb_bits[1] += 1
             last = i == len(self.bits_order) - 1
             # accumulate mode: only the last backward of the batch all-reduces (as in gradient accumulation)
             sync = contextlib.nullcontext() if (last or self.mb.step_per_bit) else self.accelerator.no_sync(model)
@@ -279,6 +329,9 @@ class MultiBitTrainer(Trainer):
                 if n:
                     logs[f"loss_w{b}"] = round(s / n, 6)
                 self._bit_loss[b] = [0.0, 0]
+            if self._hasb_bits[1]:  # unweighted mean over layers of the sampled maps
+                logs["hasb_mean_bits"] = round(self._hasb_bits[0] / self._hasb_bits[1], 4)
+                self._hasb_bits = [0.0, 0]
         return super().log(logs, *args, **kwargs)
 
     # ---- checkpoints --------------------------------------------------------------------------------------------

@@ -234,3 +234,78 @@ def test_loss_norm_runs_and_shipped_recipes_validate(tiny_tok, tmp_path):
         r = load_recipe(ROOT / "recipes" / name, max_steps=1, output_dir=str(tmp_path / name))
         MultiBitConfig(**r["multibit"])
         TrainingArguments(output_dir=r["output_dir"], **r["train"])
+
+
+# ---- HASB supernet training ---------------------------------------------------------------------------------------
+def _traces(model, hot="model.layers.0.self_attn.q_proj"):
+    return {n: (10.0 if n == hot else 0.1) for n in switchable_layers(model)}
+
+
+def _record_maps(tr, raw=None):
+    maps = []
+
+    def record(module, args):
+        bits = get_bits(module)  # an int when every layer agrees, else {layer: bits}
+        maps.append(set(bits.values()) if isinstance(bits, dict) else {bits})
+        if raw is not None:
+            raw.append(bits)
+
+    tr.model.register_forward_pre_hook(record)
+    return maps
+
+
+def test_hasb_resamples_layers_within_the_joint_step(tiny_tok, tmp_path):
+    probe = _setup(tiny_tok, tmp_path, hasb=False)
+    traces = _traces(probe.model)
+    runs, raws = [], []
+    for _ in range(2):  # same seed: the same maps (they depend only on seed, step and bit index)
+        tr = _setup(tiny_tok, tmp_path, hasb=True, hasb_traces=traces, hasb_sigma_min=1.0, hasb_sigma_max=1.0)
+        raws.append([])
+        maps = _record_maps(tr, raws[-1])
+        tr.train()
+        runs.append(maps)
+    assert raws[0] == raws[1] and len(runs[0]) == 2 * 3  # 2 steps x 3 bit-widths
+    assert all(m <= {8, 4, 2} for m in runs[0])
+    assert any(len(m) > 1 for m in runs[0])  # sigma = 1: layers drawn independently
+    assert "hasb_mean_bits" in tr.state.log_history[0]
+    assert tr.model.config.quantization_config.hessian_traces == traces  # recorded for the saved checkpoint
+    assert get_bits(tr.model) == 8
+
+
+def test_hasb_sigma_zero_is_the_plain_joint_step(tiny_tok, tmp_path):
+    probe = _setup(tiny_tok, tmp_path)
+    tr = _setup(tiny_tok, tmp_path, hasb=True, hasb_traces=_traces(probe.model), hasb_sigma_min=0.0,
+                hasb_sigma_max=0.0)
+    maps = _record_maps(tr)
+    tr.train()
+    assert maps == [{8}, {4}, {2}] * 2
+
+
+def test_hasb_traces_from_file_and_bad_traces(tiny_tok, tmp_path):
+    probe = _setup(tiny_tok, tmp_path)
+    path = tmp_path / "hasb.json"
+    path.write_text(json.dumps({"traces": _traces(probe.model)}))
+    tr = _setup(tiny_tok, tmp_path, hasb=True, hasb_traces=str(path))
+    assert tr.hasb.sensitive["model.layers.0.self_attn.q_proj"]
+    with pytest.raises(ValueError, match="needs Hessian traces"):
+        _setup(tiny_tok, tmp_path, hasb=True)
+    with pytest.raises(ValueError, match="unknown layer"):
+        _setup(tiny_tok, tmp_path, hasb=True, hasb_traces={**_traces(probe.model), "nope.q_proj": 1.0})
+    with pytest.raises(ValueError, match="cannot read HASB traces"):
+        _setup(tiny_tok, tmp_path, hasb=True, hasb_traces=str(tmp_path / "missing.json"))
+
+
+def test_recipe_with_hasb_estimates_traces(tiny_lm_dir, tmp_path):
+    import yaml
+
+    from abs_llm.recipe import build_trainer
+
+    path = _recipe(tmp_path, tiny_lm_dir)
+    r = yaml.safe_load(path.read_text())
+    r["multibit"]["hasb"] = True
+    path.write_text(yaml.safe_dump(r))
+    tr = build_trainer(load_recipe(path, 1, str(tmp_path / "o")))
+    traces = tr.model.config.quantization_config.hessian_traces
+    assert set(traces) == set(switchable_layers(tr.model)) and all(map(lambda t: t == t, traces.values()))
+    tr.train()
+    assert "hasb_mean_bits" in tr.state.log_history[0]

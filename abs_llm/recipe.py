@@ -91,8 +91,13 @@ def load_texts(data: dict) -> list[str]:
 
         p = Path(source)
         if p.exists():
+            if not p.is_file() or not p.read_bytes().strip():
+                raise ValueError(f"dataset {source} holds no non-empty text (expected a .txt/.json/.jsonl file)")
             kind = "json" if p.suffix in (".json", ".jsonl") else "text"
-            ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+            try:
+                ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+            except Exception as e:  # datasets' parse errors do not name the file
+                raise ValueError(f"cannot read dataset {source} as {kind}: {e}") from None
         else:
             ds = datasets.load_dataset(source, data.get("config"), split=data.get("split", "train"))
         if field not in ds.column_names:

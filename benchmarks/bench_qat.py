@@ -33,6 +33,7 @@ VARIANTS = {
     "naive": {"step_per_bit": True},
     "naive_noalrs": {"step_per_bit": True, "alrs": False},
     "accum": {"step_per_bit": False},
+    "accum_noalrs": {"step_per_bit": False, "alrs": False},
     "accum_lossnorm": {"step_per_bit": False, "loss_norm": True},
     "accum_no2": {"step_per_bit": False, "bits": [8, 6, 4, 3]},
     "accum_lowweight": {"step_per_bit": False, "bit_weights": {8: 1, 6: 1, 4: 1, 3: 0.3, 2: 0.1}},
@@ -47,6 +48,8 @@ def texts(split):
 
 
 def eval_model(model, tok, split, max_chunks, bits=BITS):
+    if split == "both":  # validation for choosing, held-out for the final report, from one trained model
+        return {f"{s}_{k}": v for s in ("val", "eval") for k, v in eval_model(model, tok, s, max_chunks, bits).items()}
     from abs_llm import set_bits, switchable_layers
     from abs_llm.evaluation import perplexity
 
@@ -176,7 +179,7 @@ def main():
     p.add_argument("what", choices=["ptq", "qat", "float_ft", "cost"])
     p.add_argument("--variant", default="accum", choices=sorted(VARIANTS))
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--split", default="val", choices=["val", "eval"])
+    p.add_argument("--split", default="val", choices=["val", "eval", "both"])
     p.add_argument("--max-chunks", type=int, default=None)
     p.add_argument("--bits", default="8,6,4,3,2")
     p.add_argument("--reps", type=int, default=3)

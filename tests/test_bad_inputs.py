@@ -59,6 +59,44 @@ def _setattr(obj, name, value):
     setattr(obj, name, value)
 
 
+def trainer(model=None, lr=1e-3, teacher="copy", rows=4, **mb):
+    """A MultiBitTrainer on the tiny model (built only to be refused: validation runs before any training)."""
+    import copy
+
+    import datasets
+    from transformers import TrainingArguments
+
+    from abs_llm.training import MultiBitConfig, MultiBitTrainer
+
+    model = model if model is not None else tiny_q(cands=(8, 4, 2))
+    for m in abs_llm.switchable_layers(model).values():
+        m.to_trainable()
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * rows, "labels": [[1, 2, 3, 4]] * rows})
+    args = TrainingArguments(output_dir="unused", learning_rate=lr, report_to=[], use_cpu=True)
+    t = copy.deepcopy(model) if teacher == "copy" else teacher
+    return MultiBitTrainer(model=model, args=args, multibit=MultiBitConfig(**mb), teacher=t, train_dataset=ds)
+
+
+def recipe(tmp_text: str):
+    import tempfile
+
+    from abs_llm.recipe import load_recipe
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(tmp_text)
+    return load_recipe(f.name)
+
+
+def traces(**override):
+    return {**{n: 1.0 for n in abs_llm.switchable_layers(tiny_q())}, **override}
+
+
+def search(**kw):
+    from abs_llm import hasb
+
+    return hasb.search(tiny_q(), kw.pop("t", None) or traces(), **kw)
+
+
 Q = "model.layers.0.self_attn.q_proj"
 CASES = {
     # ---- config -------------------------------------------------------------------------------------------------
@@ -128,6 +166,45 @@ CASES = {
     "cli config check before loading": (lambda: run_cli("quantize", "--out", "x", "--group-size", "96"), CLIError,
                                         r"\[16, 1024\], got 96"),
     "cli unknown command": (lambda: run_cli("quantise"), CLIError, r"invalid choice: 'quantise'"),
+    "cli search without budget": (lambda: run_cli("search", "ckpt", "--out", "x"), CLIError,
+                                  "give --avg-bits or --size-bytes"),
+    "cli train missing recipe": (lambda: run_cli("train", "no/such/recipe.yaml"), CLIError,
+                                 "recipe no/such/recipe.yaml does not exist"),
+    # ---- training (all refused in MultiBitTrainer.__init__, before any step) ------------------------------------
+    "train float model": (lambda: trainer(LlamaForCausalLM(tiny_llama_config())), ValueError,
+                          "no SwitchableLinear layers; quantize it first"),
+    "train bits not candidate": (lambda: trainer(bits=[8, 6]), ValueError, r"bits \[8, 6\] .*allowed \[2, 4, 8\]"),
+    "train learning rate 0": (lambda: trainer(lr=0.0), ValueError, "learning_rate must be > 0, got 0"),
+    "train scale lr negative": (lambda: trainer(scale_lr=-1e-4), ValueError, "scale_lr must be > 0, got -0.0001"),
+    "train kd mode": (lambda: trainer(kd="self"), ValueError, r"kd must be one of \('teacher', 'inplace', 'none'\), got 'self'"),
+    "train kd without teacher": (lambda: trainer(teacher=None), ValueError, "needs the frozen float model"),
+    "train empty dataset": (lambda: trainer(rows=0), ValueError, "training dataset is empty"),
+    "train bit weight of untrained bits": (lambda: trainer(bits=[8, 4], bit_weights={2: 1.0}), ValueError,
+                                           r"bit_weights has bits 2, which is not trained \(bits=\[8, 4\]\)"),
+    "train all bit weights 0": (lambda: trainer(bit_weights={8: 0, 4: 0, 2: 0}), ValueError, "all bit_weights are 0"),
+    "train hasb without traces": (lambda: trainer(hasb=True), ValueError, "hasb=True needs Hessian traces"),
+    "recipe unknown key": (lambda: recipe("modle: x\n"), ValueError, r"unknown top level keys \['modle'\]"),
+    "recipe max_steps 0": (lambda: recipe("train: {max_steps: 0}\n"), ValueError,
+                           "max_steps must be an integer >= 1, got 0"),
+    "recipe learning rate 0": (lambda: recipe("train: {learning_rate: 0}\n"), ValueError,
+                               "learning_rate must be > 0, got 0"),
+    "recipe empty text file": (lambda: __import__("abs_llm.recipe").recipe.load_texts({"source": _a_file()}), ValueError,
+                               "holds no non-empty text"),
+    # ---- HASB search ----------------------------------------------------------------------------------------------
+    "search budget below minimum": (lambda: search(avg_bits=1.5), ValueError,
+                                    r"avg_bits=1.5 is outside the feasible range \[2, 8\]"),
+    "search budget above maximum": (lambda: search(avg_bits=9), ValueError, r"avg_bits=9 is outside the feasible range \[2, 8\]"),
+    "search size infeasible": (lambda: search(size_bytes=10), ValueError,
+                               r"size_bytes=10 is infeasible; the feasible range is \[\d+, \d+\]"),
+    "search unknown layer trace": (lambda: search(t=traces(**{"model.layers.9.mlp.up_proj": 1.0}), avg_bits=4), ValueError,
+                                   "unknown layer"),
+    "search NaN trace": (lambda: search(t=traces(**{Q: float("nan")}), avg_bits=4), ValueError, f"NaN/inf/non-number for \\['{Q}'\\]"),
+    "hessian samples 0": (lambda: __import__("abs_llm.hasb").hasb.hessian_traces(tiny_q(), [torch.ones(1, 4).long()],
+                                                                               n_samples=0),
+                          ValueError, "n_samples must be an integer >= 1, got 0"),
+    "hasb sigma range": (lambda: __import__("abs_llm.hasb").hasb.HASBSampler(tiny_q(), traces(), sigma_min=0.5,
+                                                                            sigma_max=0.2),
+                         ValueError, r"0 <= sigma_min <= sigma_max <= 1, got 0.5, 0.2"),
 }
 
 

@@ -309,3 +309,14 @@ def test_recipe_with_hasb_estimates_traces(tiny_lm_dir, tmp_path):
     assert set(traces) == set(switchable_layers(tr.model)) and all(map(lambda t: t == t, traces.values()))
     tr.train()
     assert "hasb_mean_bits" in tr.state.log_history[0]
+
+
+def test_same_seed_gives_identical_losses_and_checkpoint(tiny_tok, tmp_path):
+    runs = []
+    for i in range(2):
+        tr = _setup(tiny_tok, tmp_path / str(i), max_steps=2)
+        tr.train()
+        tr.save_switchable(str(tmp_path / f"ck{i}"))
+        runs.append([{k: v for k, v in e.items() if k.startswith("loss")} for e in tr.state.log_history if "loss" in e])
+    assert runs[0] == runs[1] and len(runs[0]) == 2  # exact: same seed, same CPU kernels
+    assert (tmp_path / "ck0/model.safetensors").read_bytes() == (tmp_path / "ck1/model.safetensors").read_bytes()

@@ -244,7 +244,9 @@ def add_search(sub):
     p.add_argument("--calib-seq-len", type=int, default=128)
     p.add_argument("--calib-batch-size", type=int, default=1)
     p.add_argument("--calib-batches", type=int, default=1)
-    p.add_argument("--n-samples", type=int, default=16, help="Hutchinson Rademacher vectors per batch")
+    p.add_argument("--n-samples", type=int, default=16, help="Rademacher vectors (hutchinson) or label draws (fisher) per batch")
+    p.add_argument("--method", default="hutchinson", choices=["hutchinson", "fisher"],
+                   help="trace estimator: Hutchinson on the Hessian, or its Gauss-Newton/Fisher approximation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--traces", default=None, help="reuse traces from a JSON file ({name: trace} or a hasb.json)")
     p.add_argument("--recompute", action="store_true", help="ignore traces stored in the checkpoint")
@@ -291,11 +293,12 @@ def run_search(args):
         batches = calibration_batches(tok, default_corpus("train")[: args.calib_docs], args.calib_seq_len,
                                       args.calib_batch_size, args.calib_batches)
         t = time.perf_counter()
-        traces = hasb.hessian_traces(model, batches, n_samples=args.n_samples, seed=args.seed)
+        estimate = hasb.fisher_traces if args.method == "fisher" else hasb.hessian_traces
+        traces = estimate(model, batches, n_samples=args.n_samples, seed=args.seed)
         report["trace_seconds"] = time.perf_counter() - t
-        source = f"estimated ({args.n_samples} samples x {args.calib_batches} batch(es), seed {args.seed})"
+        source = f"estimated ({args.method}, {args.n_samples} samples x {args.calib_batches} batch(es), seed {args.seed})"
         report["calibration"] = {k: getattr(args, k) for k in ("calib_docs", "calib_seq_len", "calib_batch_size",
-                                                              "calib_batches", "n_samples", "seed")}
+                                                              "calib_batches", "n_samples", "seed", "method")}
     traces = hasb.check_traces(model, traces, clip=False)
     report["traces_source"] = source
     print(f"traces: {source}")

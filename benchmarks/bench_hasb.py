@@ -37,6 +37,11 @@ def main():
     ap.add_argument("--calib-batch", type=int, default=2)
     ap.add_argument("--calib-batches", type=int, default=1)
     ap.add_argument("--max-chunks", type=int, default=None)
+    ap.add_argument("--method", default="hutchinson", choices=["hutchinson", "fisher"],
+                    help="trace estimator: Hutchinson on H (double backward) or Gauss-Newton/Fisher (sampled labels)")
+    ap.add_argument("--split", default="eval", choices=["val", "eval"],
+                    help="PPL texts: val = Lee train docs 225-249 (for choosing), eval = held-out docs 250-299")
+    ap.add_argument("--checkpoint", default=None, help="switchable checkpoint (e.g. after QAT); default: PTQ on load")
     ap.add_argument("--sweep", action="store_true", help="also the Pareto sweep + PNG")
     ap.add_argument("--out", default="benchmarks/results/hasb.json")
     args = ap.parse_args()
@@ -47,26 +52,29 @@ def main():
     def save():
         out.write_text(json.dumps(res, indent=2))
 
-    path = abs_llm.default_model_path()
+    path = args.checkpoint or abs_llm.default_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     cfg = DoubleRoundingConfig(bits=8, candidate_bits=[8, 6, 4, 3, 2], group_size=64)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, **({} if args.checkpoint else {"quantization_config": cfg}))
+    model.eval()
+    set_bits(model, 8)
     res["config"] = {"candidate_bits": cfg.candidate_bits, "group_size": cfg.group_size, "master_bits": 8}
-    batches = calibration_batches(tok, abs_llm.default_corpus("train"), args.calib_seq, args.calib_batch,
+    batches = calibration_batches(tok, abs_llm.default_corpus("train")[:225], args.calib_seq, args.calib_batch,
                                   args.calib_batches)
 
     hist: list[dict] = []
     t = time.perf_counter()
-    traces = hasb.hessian_traces(model, batches, n_samples=args.samples, seed=0, history=hist)
+    estimate = hasb.fisher_traces if args.method == "fisher" else hasb.hessian_traces
+    traces = estimate(model, batches, n_samples=args.samples, seed=0, history=hist)
     res["trace_seconds"] = time.perf_counter() - t
-    res["trace_hvps"] = len(hist)
+    res["trace_samples"] = len(hist)
     names = list(traces)
     arr = np.array([[h[n] for n in names] for h in hist])
     ns = [k for k in (4, 8, 16) if k <= len(hist)] or [len(hist)]
     est = {k: dict(zip(names, arr[:k].mean(0).tolist())) for k in ns}
     res["traces"] = est[ns[-1]]
     res["negative_traces"] = {k: int((arr[:k].mean(0) < 0).sum()) for k in ns}
-    print(f"traces: {len(hist)} HVPs in {res['trace_seconds']:.1f} s", flush=True)
+    print(f"traces ({args.method}): {len(hist)} samples in {res['trace_seconds']:.1f} s", flush=True)
     save()
 
     t = time.perf_counter()
@@ -86,12 +94,12 @@ def main():
     print(json.dumps({k: res[k] for k in ("perturbation_seconds", "milp_seconds", "stability")}, indent=1), flush=True)
     save()
 
-    texts = abs_llm.default_corpus("eval")
+    texts = abs_llm.default_corpus("train")[225:250] if args.split == "val" else abs_llm.default_corpus("eval")
 
     def ppl():
         return perplexity(model, tok, texts, max_chunks=args.max_chunks, progress=False)
 
-    res["heldout"] = {}
+    res[f"ppl_{args.split}"] = {}
     final = ns[-1]
     flat = {n: 1.0 for n in names}  # ablation: the same MILP without Hessian weights
     for avg in (3, 4):
@@ -103,7 +111,7 @@ def main():
                              "bits_histogram": {b: list(maps[final, avg].values()).count(b) for b in (8, 6, 4, 3, 2)}}
         set_bits(model, hasb.search(model, flat, avg_bits=avg, perturbation=pert))
         row["unweighted_mixed"] = {"ppl": ppl(), "avg_bits": hasb.average_bits(model)}
-        res["heldout"][f"avg{avg}"] = row
+        res[f"ppl_{args.split}"][f"avg{avg}"] = row
         print(f"avg {avg}: {json.dumps(row)}", flush=True)
         save()
     res["bit_maps"] = {f"avg{avg}": maps[final, avg] for avg in (3, 4)}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -232,3 +233,50 @@ def test_cli_search_and_sweep(tiny_llama, tiny_llama_dir, tmp_path, monkeypatch,
     assert "feasible range [2, 8]" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not empty"):
         cli(["search", str(ckpt), "--avg-bits", "3", "--out", str(out)])
+    fisher = tmp_path / "f"
+    assert cli(["search", str(ckpt), "--avg-bits", "4", "--calib-docs", "5", "--calib-seq-len", "16", "--method",
+                "fisher", "--n-samples", "2", "--out", str(fisher)]) == 0
+    report = json.loads((fisher / "hasb.json").read_text())
+    assert report["calibration"]["method"] == "fisher" and min(report["traces"].values()) >= 0
+
+
+class SoftmaxRegression(nn.Module):
+    """logits = W x: cross-entropy's Hessian w.r.t. W equals its Gauss-Newton matrix, with
+    tr = mean_t (1 - ||p_t||^2) ||x_t||^2 exactly."""
+
+    def __init__(self, classes=10, inp=32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = SwitchableLinear.from_linear(nn.Linear(inp, classes, bias=False), group_size=None)
+
+    @staticmethod
+    def logits(model, x):
+        return model.head(x)
+
+
+def test_fisher_trace_matches_exact_gauss_newton_and_hutchinson():
+    g = torch.Generator().manual_seed(5)
+    x = 3 * torch.randn(256, 32, generator=g)
+    model = SoftmaxRegression()
+    with torch.no_grad():
+        p = torch.softmax(model.head(x), -1)
+        exact_tr = float(((1 - p.pow(2).sum(-1)) * x.pow(2).sum(-1)).mean()) / (10 * 32)
+    fisher = hasb.fisher_traces(model, [x], n_samples=256, seed=0, logits_fn=SoftmaxRegression.logits, progress=False)
+    assert fisher["head"] == pytest.approx(exact_tr, rel=0.1)
+    labels = torch.randint(0, 10, (256,), generator=g)  # the Hessian of a linear softmax model ignores the labels
+    hutch = hasb.hessian_traces(model, [x], n_samples=64, seed=0, progress=False,
+                                loss_fn=lambda m, b: F.cross_entropy(m.head(b), labels))
+    assert hutch["head"] == pytest.approx(exact_tr, rel=0.1)
+    again = hasb.fisher_traces(model, [x], n_samples=256, seed=0, logits_fn=SoftmaxRegression.logits, progress=False)
+    assert again == fisher
+
+
+def test_fisher_traces_on_tiny_llama_are_positive_and_leave_model_unchanged(tiny_llama, tokens):
+    quantize(tiny_llama, DoubleRoundingConfig(bits=4))
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    bits = get_bits(tiny_llama)
+    got = hasb.fisher_traces(tiny_llama, [tokens], n_samples=2, seed=0, progress=False)
+    assert set(got) == set(switchable_layers(tiny_llama)) and all(v > 0 for v in got.values())
+    assert all(torch.equal(v, tiny_llama.state_dict()[k]) for k, v in before.items()) and get_bits(tiny_llama) == bits
+    with pytest.raises(ValueError, match="n_samples must be an integer >= 1, got 0"):
+        hasb.fisher_traces(tiny_llama, [tokens], n_samples=0)

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from string import Template
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "switchable.md"
+TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "switchable.md"  # shipped as package data
 CARD = "README.md"
 
 
@@ -43,7 +43,7 @@ def _results_table(results) -> str:
 
 
 def write_model_card(checkpoint, results=None, repo_id: str | None = None, out=None) -> Path:
-    """Fill ``model_cards/switchable.md`` for ``checkpoint`` and write it as ``README.md`` (into ``out`` if given).
+    """Fill ``abs_llm/model_cards/switchable.md`` for ``checkpoint`` and write it as ``README.md`` (into ``out`` if given).
 
     ``results``: rows from ``abs-llm eval --json`` (``{bits, ppl, bytes}``, a ``ppl.png`` plot is drawn too) or from
     ``eval --tasks ... --json`` (``{bits, task, metric...}``), as a list or a JSON file path.

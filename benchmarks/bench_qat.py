@@ -38,6 +38,12 @@ VARIANTS = {
     "accum_no2": {"step_per_bit": False, "bits": [8, 6, 4, 3]},
     "accum_lowweight": {"step_per_bit": False, "bit_weights": {8: 1, 6: 1, 4: 1, 3: 0.3, 2: 0.1}},
     "lowtohigh": {"step_per_bit": True, "bits": [2, 3, 4, 6, 8]},
+    # the scales are ~1e-3 (abs-max / 127): Adam at scale_lr 1e-4 moves them ~10% per step, shrinking them for the
+    # low bits' benefit clips the 8-bit grid; these runs test a scale LR on the weights' relative scale
+    "accum_slr1e-6": {"step_per_bit": False, "scale_lr": 1e-6},
+    "accum_slr1e-5": {"step_per_bit": False, "scale_lr": 1e-5},
+    "accum_slr1e-6_noalrs": {"step_per_bit": False, "scale_lr": 1e-6, "alrs": False},
+    "naive_slr1e-6": {"step_per_bit": True, "scale_lr": 1e-6},
 }
 
 

@@ -155,17 +155,50 @@ def fake_quantize(
     clipped bound) outside, summed over the group. ``lsq_grad_scale`` multiplies the scale gradient by LSQ's
     ``1 / sqrt(n_group * qmax_l)``.
     """
-    out, cols = w.shape
-    d = master_bits - bits
     s = scale.to(w.dtype)
     if lsq_grad_scale:
+        cols = w.shape[1]
         g = cols if group_size is None else min(group_size, cols)
         s = grad_scale(s, 1.0 / math.sqrt(g * max(qrange(bits)[1], 1)))
-    wg = _grouped(w, group_size)
-    s3 = s.unsqueeze(-1)
-    q_h = torch.clamp(round_ste(wg / s3), *qrange(master_bits))
-    q_l = torch.clamp(round_ste(q_h / 2**d), *qrange(bits)) if d else q_h
-    return _ungrouped(q_l * (s3 * 2**d), cols)
+    return _FakeQuantize.apply(w, s, master_bits, bits, group_size)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """:func:`fake_quantize` with its STE/LSQ gradients written out. Composing ``round_ste``/``clamp`` with autograd
+    gives the same gradients (up to one ulp: it multiplies by ``s * (1/s)``) but keeps ~6 float copies of every weight
+    per bit-width alive until the backward; this keeps an int8 ``q_l`` and a bool mask (2 bytes per weight) and runs
+    fewer passes over the weights, which dominate a multi-bit QAT step's overhead."""
+
+    @staticmethod
+    def forward(ctx, w, s, master_bits, bits, group_size):
+        cols = w.shape[1]
+        d = master_bits - bits
+        s3 = s.unsqueeze(-1)
+        q = torch.round(_grouped(w, group_size) / s3)
+        lo, hi = qrange(master_bits)
+        inside = (q >= lo) & (q <= hi)  # clamp passes the gradient at its bounds, as torch.clamp does
+        q.clamp_(lo, hi)
+        if d:
+            q.div_(2**d).round_()
+            lo, hi = qrange(bits)
+            inside &= (q >= lo) & (q <= hi)
+            q.clamp_(lo, hi)
+        ctx.save_for_backward(w, s, q.to(torch.int8), inside)
+        ctx.meta = (d, group_size, cols)
+        return _ungrouped(q.mul_(s3 * 2**d), cols)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, s, q, inside = ctx.saved_tensors
+        d, group_size, cols = ctx.meta
+        gg = _grouped(grad, group_size)  # the padded tail of a short last group gets zero gradient
+        grad_w = grad_s = None
+        if ctx.needs_input_grad[0]:
+            grad_w = _ungrouped(gg * inside, cols)
+        if ctx.needs_input_grad[1]:  # LSQ: 2^d q_l - W/s inside the range, 2^d q_l (the clipped bound) outside
+            t = _grouped(w, group_size) / s.unsqueeze(-1)
+            grad_s = (gg * (q.to(grad.dtype) * 2**d - t * inside)).sum(-1)
+        return grad_w, grad_s, None, None, None
 
 
 def alrs_multiplier(master_bits: int, bits: int) -> float:

@@ -76,9 +76,11 @@ def ptq(model, bits=BITS):
     return quantize(copy.deepcopy(model), DoubleRoundingConfig(candidate_bits=bits, group_size=64))
 
 
-def recipe_for(variant, steps, out):
+def recipe_for(variant, steps, out, hasb_traces=None):
     r = copy.deepcopy(BASE)
     r["multibit"].update(VARIANTS[variant])
+    if hasb_traces:  # mixed-precision supernet: HASB roulette on top of the variant
+        r["multibit"].update(hasb=True, hasb_traces=str(hasb_traces))
     r["train"]["max_steps"] = steps
     r["output_dir"] = out
     from abs_llm.recipe import load_recipe  # validate through the same path as `abs-llm train`
@@ -94,8 +96,8 @@ def recipe_for(variant, steps, out):
 def run_qat(args):
     from abs_llm.recipe import build_trainer, plot_losses
 
-    out = f"{args.workdir}/{args.variant}_{args.steps}"
-    trainer = build_trainer(recipe_for(args.variant, args.steps, out))
+    out = f"{args.workdir}/{args.variant}{'_hasb' if args.hasb_traces else ''}_{args.steps}"
+    trainer = build_trainer(recipe_for(args.variant, args.steps, out, args.hasb_traces))
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
@@ -189,6 +191,7 @@ def main():
     p.add_argument("--max-chunks", type=int, default=None)
     p.add_argument("--bits", default="8,6,4,3,2")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--hasb-traces", default=None, help="qat: train a HASB supernet with these traces (JSON)")
     p.add_argument("--workdir", default="outputs/bench_qat")
     p.add_argument("--out", default="outputs/bench_qat/results.jsonl")
     args = p.parse_args()
@@ -196,6 +199,7 @@ def main():
     fn = {"ptq": run_ptq, "qat": run_qat, "float_ft": run_float_ft, "cost": run_cost}[args.what]
     t0 = time.perf_counter()
     res = {"what": args.what, "variant": args.variant if args.what == "qat" else None, "steps": args.steps,
+           "hasb_traces": args.hasb_traces,
            "split": args.split, "max_chunks": args.max_chunks, **fn(args), "wall_s": None}
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     line = json.dumps(res)

@@ -7,8 +7,11 @@ Per-precision learning rate of the scales (ALRS, DESIGN.md). A scale tensor is s
 scale LR of precision b" can only mean "the update that precision b's gradient causes is scaled by eta_b":
 
 - ``step_per_bit=True`` (the paper): the optimiser steps after every bit-width's backward, and during bit b's step
-  the scale group's learning rate is ``scale_lr * eta_b`` (then restored). This is an exact per-precision LR for any
-  optimiser, including Adam.
+  the scale group's learning rate is ``scale_lr * eta_b`` (then restored). With SGD that is an exact per-precision LR.
+  With Adam the moments of the scales are shared by the precisions, so bit 8's step (LR x 1) applies a direction
+  averaged mostly from the low bits' large scale gradients: the low bits then move the scales at the 8-bit rate.
+  ``per_bit_scale_state=True`` gives each precision its own optimiser state for the scales, so precision b's update
+  uses only its own gradients at its own rate (the weights keep one shared state: they train jointly on purpose).
 - ``step_per_bit=False`` (accumulate, one step per batch): a gradient hook multiplies bit b's contribution to each
   scale gradient by ``eta_b`` before it is accumulated (and before DDP all-reduces it). For SGD that is exactly a
   per-precision LR. For Adam the common factor is normalised away, so it acts as a *relative* weighting of the
@@ -54,6 +57,8 @@ class MultiBitConfig:
         itself distills from the teacher when one is given, else uses the LM loss) or "none" (LM loss only).
     kd_alpha: loss = kd_alpha * KL + (1 - kd_alpha) * LM cross-entropy (1.0: pure distillation).
     kd_temperature: softmax temperature of the KL (loss multiplied by T^2, as usual).
+    per_bit_scale_state: with ``step_per_bit``, a separate optimiser state (e.g. Adam moments) for the scales per
+        precision (see the module docstring); not saved in Trainer checkpoints (a resumed run restarts them).
     hasb: per step and bit-width, resample layers' bit-widths with the HASB roulette sampler (mixed-precision supernet
         training, ``abs_llm.hasb.HASBSampler``); layers not resampled train at the step's bit-width.
     hasb_traces: ``{layer: tr(H_l)/n_l}``, or a path to a JSON file holding them (``{name: trace}`` or the
@@ -76,6 +81,7 @@ class MultiBitConfig:
     kd_alpha: float = 1.0
     kd_temperature: float = 1.0
     loss_norm: bool = False
+    per_bit_scale_state: bool = False
     hasb: bool = False
     hasb_traces: dict[str, float] | str | None = None
     hasb_sigma_schedule: str = "linear"
@@ -137,6 +143,7 @@ class MultiBitTrainer(Trainer):
         self._bit_loss = {b: [0.0, 0] for b in self.bits_order}
         self._loss_ema: dict[int, float] = {}  # loss_norm's running means (not checkpointed: re-seeded on resume)
         self._hasb_bits = [0.0, 0]
+        self._scale_state: dict[int, dict] = {}
         self._in_checkpoint = False
         for layer in self.layers.values():  # why a hook: see "accumulate" in the module docstring
             layer.weight_scale.register_hook(lambda g: g * self._scale_mult if self._scale_mult != 1.0 else g)
@@ -169,6 +176,8 @@ class MultiBitTrainer(Trainer):
                 raise ValueError(f"learning_rate must be > 0, got {args.learning_rate}")
             if mb.step_per_bit and args.gradient_accumulation_steps != 1:
                 raise ValueError("step_per_bit steps the optimiser inside each batch; use gradient_accumulation_steps=1")
+        if mb.per_bit_scale_state and not mb.step_per_bit:
+            raise ValueError("per_bit_scale_state needs step_per_bit=True (one optimiser step per bit-width)")
         if mb.scale_lr is not None and not mb.scale_lr > 0:
             raise ValueError(f"scale_lr must be > 0, got {mb.scale_lr}")
         if mb.kd not in KD_MODES:
@@ -239,6 +248,10 @@ class MultiBitTrainer(Trainer):
         saved = [g["lr"] for g in scale_groups]
         for g in scale_groups:
             g["lr"] = g["lr"] * self._alrs(bits)
+            if self.mb.per_bit_scale_state:  # the optimiser fills an empty state dict in place on its first step
+                per_bit = self._scale_state.setdefault(bits, {})
+                for p in g["params"]:
+                    opt.state[p] = per_bit.setdefault(p, {})
         self.optimizer.step()
         for g, lr in zip(scale_groups, saved):
             g["lr"] = lr

@@ -44,6 +44,8 @@ VARIANTS = {
     "accum_slr1e-5": {"step_per_bit": False, "scale_lr": 1e-5},
     "accum_slr1e-6_noalrs": {"step_per_bit": False, "scale_lr": 1e-6, "alrs": False},
     "naive_slr1e-6": {"step_per_bit": True, "scale_lr": 1e-6},
+    # shared Adam moments let the low bits' scale gradients ride on the 8-bit step's LR (training.py docstring)
+    "naive_perbit": {"step_per_bit": True, "per_bit_scale_state": True},
 }
 
 

@@ -320,3 +320,16 @@ def test_same_seed_gives_identical_losses_and_checkpoint(tiny_tok, tmp_path):
         runs.append([{k: v for k, v in e.items() if k.startswith("loss")} for e in tr.state.log_history if "loss" in e])
     assert runs[0] == runs[1] and len(runs[0]) == 2  # exact: same seed, same CPU kernels
     assert (tmp_path / "ck0/model.safetensors").read_bytes() == (tmp_path / "ck1/model.safetensors").read_bytes()
+
+
+def test_per_bit_scale_state_keeps_one_adam_state_per_precision(tiny_tok, tmp_path):
+    tr = _setup(tiny_tok, tmp_path, max_steps=2, step_per_bit=True, per_bit_scale_state=True)
+    tr.train()
+    scale = next(iter(switchable_layers(tr.model).values())).weight_scale
+    states = {b: tr._scale_state[b][scale] for b in (8, 4, 2)}
+    assert all(int(st["step"]) == 2 for st in states.values())  # each precision stepped its own moments twice
+    assert not torch.equal(states[8]["exp_avg"], states[2]["exp_avg"])
+    weight = next(iter(switchable_layers(tr.model).values())).weight
+    assert int(tr.optimizer.state[weight]["step"]) == 6  # the weights share one state over 2 steps x 3 bit-widths
+    with pytest.raises(ValueError, match="per_bit_scale_state needs step_per_bit=True"):
+        _setup(tiny_tok, tmp_path, per_bit_scale_state=True)

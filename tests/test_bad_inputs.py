@@ -182,6 +182,8 @@ CASES = {
     "train bit weight of untrained bits": (lambda: trainer(bits=[8, 4], bit_weights={2: 1.0}), ValueError,
                                            r"bit_weights has bits 2, which is not trained \(bits=\[8, 4\]\)"),
     "train all bit weights 0": (lambda: trainer(bit_weights={8: 0, 4: 0, 2: 0}), ValueError, "all bit_weights are 0"),
+    "train per-bit state without step_per_bit": (lambda: trainer(per_bit_scale_state=True), ValueError,
+                                                 "per_bit_scale_state needs step_per_bit=True"),
     "train hasb without traces": (lambda: trainer(hasb=True), ValueError, "hasb=True needs Hessian traces"),
     "recipe unknown key": (lambda: recipe("modle: x\n"), ValueError, r"unknown top level keys \['modle'\]"),
     "recipe max_steps 0": (lambda: recipe("train: {max_steps: 0}\n"), ValueError,

@@ -245,8 +245,9 @@ def add_search(sub):
     p.add_argument("--calib-batch-size", type=int, default=1)
     p.add_argument("--calib-batches", type=int, default=1)
     p.add_argument("--n-samples", type=int, default=16, help="Rademacher vectors (hutchinson) or label draws (fisher) per batch")
-    p.add_argument("--method", default="hutchinson", choices=["hutchinson", "fisher"],
-                   help="trace estimator: Hutchinson on the Hessian, or its Gauss-Newton/Fisher approximation")
+    p.add_argument("--method", default="fisher", choices=["fisher", "hutchinson"],
+                   help="trace estimator: Gauss-Newton/Fisher (default: never negative, one backward per sample; chosen"
+                        " on validation docs, see BENCHMARKS.md) or Hutchinson on the exact Hessian (double backward)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--traces", default=None, help="reuse traces from a JSON file ({name: trace} or a hasb.json)")
     p.add_argument("--recompute", action="store_true", help="ignore traces stored in the checkpoint")

@@ -261,8 +261,9 @@ def add_search(sub):
 
 def _load_traces(args, model):
     if args.traces:
-        data = json.loads(Path(args.traces).read_text())
-        return data.get("traces", data), f"file {args.traces}"
+        from .training import load_traces
+
+        return load_traces(args.traces), f"file {args.traces}"
     stored = getattr(model.config.quantization_config, "hessian_traces", None)
     if stored and not args.recompute:
         return stored, "checkpoint config"

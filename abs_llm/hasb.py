@@ -66,6 +66,37 @@ def _float_weights(layers: dict[str, SwitchableLinear], bits: int | None):
             layer.__dict__.pop("forward", None)
 
 
+def _calibration_inputs(model: nn.Module, batches: Iterable, n_samples, who: str):
+    """Validated ``(layers, batches)`` for a trace estimator."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    layers = switchable_layers(model)
+    if not layers:
+        raise ValueError("model has no SwitchableLinear layers; quantize it first (abs_llm.quantize)")
+    batches = list(batches)
+    if not batches:
+        raise ValueError(f"{who} needs at least one calibration batch")
+    return layers, batches
+
+
+@contextlib.contextmanager
+def _estimation(model: nn.Module, layers: dict[str, SwitchableLinear], bits: int | None):
+    """Eval mode, gradients only for the layers' float weights (this also keeps a double backward small); the model's
+    mode and ``requires_grad`` flags are restored afterwards. Yields ``(names, weights)``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with _float_weights(layers, bits) as weights, torch.enable_grad():
+            yield list(weights), list(weights.values())
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
 def hessian_traces(
     model: nn.Module,
     batches: Iterable,
@@ -92,47 +123,29 @@ def hessian_traces(
             the estimate from the first k samples can be studied without recomputing.
     Returns ``{module_name: tr(H_l) / n_l}`` for every SwitchableLinear.
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
-    layers = switchable_layers(model)
-    if not layers:
-        raise ValueError("model has no SwitchableLinear layers; quantize it first (abs_llm.quantize)")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("hessian_traces needs at least one calibration batch")
+    layers, batches = _calibration_inputs(model, batches, n_samples, "hessian_traces")
     loss_fn = loss_fn or _default_loss
     gen = torch.Generator().manual_seed(seed)
     sums = {n: 0.0 for n in layers}
-    params = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
-    model.eval()
-    for p in params:  # only the layer weights need gradients; this also keeps the double backward small
-        p.requires_grad_(False)
-    try:
-        # the fused SDPA kernels have no double backward; the math kernel does (same values up to rounding)
-        with _float_weights(layers, bits) as weights, torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            names, ws = list(weights), list(weights.values())
-            bar = tqdm(total=len(batches) * n_samples, desc="hessian trace", unit="hvp", disable=not progress)
-            for batch in batches:
-                loss = loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    raise ValueError(f"calibration loss is {loss.item()}; cannot estimate Hessian traces")
-                grads = torch.autograd.grad(loss, ws, create_graph=True)
-                for _ in range(n_samples):
-                    vs = [torch.empty(w.shape).bernoulli_(0.5, generator=gen).mul_(2).sub_(1).to(w) for w in ws]
-                    hvs = torch.autograd.grad(grads, ws, grad_outputs=vs, retain_graph=True)
-                    vhv = {n: float((v * hv).sum(dtype=torch.float64)) for n, v, hv in zip(names, vs, hvs)}
-                    for n in names:
-                        sums[n] += vhv[n]
-                    if history is not None:
-                        history.append({n: vhv[n] / _numel(layers[n]) for n in names})
-                    bar.update(1)
-                del grads, loss
-            bar.close()
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-        model.train(was_training)
+    # the fused SDPA kernels have no double backward; the math kernel does (same values up to rounding)
+    with _estimation(model, layers, bits) as (names, ws), sdpa_kernel(SDPBackend.MATH):
+        bar = tqdm(total=len(batches) * n_samples, desc="hessian trace", unit="hvp", disable=not progress)
+        for batch in batches:
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise ValueError(f"calibration loss is {loss.item()}; cannot estimate Hessian traces")
+            grads = torch.autograd.grad(loss, ws, create_graph=True)
+            for _ in range(n_samples):
+                vs = [torch.empty(w.shape).bernoulli_(0.5, generator=gen).mul_(2).sub_(1).to(w) for w in ws]
+                hvs = torch.autograd.grad(grads, ws, grad_outputs=vs, retain_graph=True)
+                vhv = {n: float((v * hv).sum(dtype=torch.float64)) for n, v, hv in zip(names, vs, hvs)}
+                for n in names:
+                    sums[n] += vhv[n]
+                if history is not None:
+                    history.append({n: vhv[n] / _numel(layers[n]) for n in names})
+                bar.update(1)
+            del grads, loss
+        bar.close()
     count = len(batches) * n_samples
     return {n: sums[n] / count / _numel(layers[n]) for n in names}
 
@@ -156,55 +169,37 @@ def fisher_traces(
     """``tr(G_l) / n_l`` for each SwitchableLinear, ``G`` the Gauss-Newton (= Fisher) matrix of the mean token loss.
 
     For cross-entropy on logits ``z``, ``G = J^T (diag(p) - p p^T) J`` is the Hessian with the term that needs the
-    loss at its minimum dropped: it is positive semi-definite, so unlike a Hutchinson estimate of ``H`` far from a
-    minimum (many negative per-layer estimates on an LLM, see BENCHMARKS.md) it never ranks a layer below zero; where
+    loss at its minimum dropped: it is positive semi-definite, so unlike a Hutchinson estimate of ``H`` (often
+    negative per layer at affordable sample counts on an LLM, see BENCHMARKS.md) it never ranks a layer below zero; where
     the logits are linear in the weight (the output layer), ``G = H`` exactly. Estimator: draw a label ``y_t`` from the
     model's own ``p_t`` at every position, ``S = sum_t -log p_t(y_t)``; the per-position gradients have zero mean and
     are independent given the input, so ``E ||dS/dW||^2 / N = tr(G)`` for ``N`` positions. One backward per sample.
     Labels come from a generator seeded with ``seed``: deterministic for fixed batches.
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
-    layers = switchable_layers(model)
-    if not layers:
-        raise ValueError("model has no SwitchableLinear layers; quantize it first (abs_llm.quantize)")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("fisher_traces needs at least one calibration batch")
+    layers, batches = _calibration_inputs(model, batches, n_samples, "fisher_traces")
     logits_fn = logits_fn or _default_logits
     gen = torch.Generator().manual_seed(seed)
     sums = {n: 0.0 for n in layers}
-    params = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
-    model.eval()
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        with _float_weights(layers, bits) as weights, torch.enable_grad():
-            names, ws = list(weights), list(weights.values())
-            bar = tqdm(total=len(batches) * n_samples, desc="fisher trace", unit="sample", disable=not progress)
-            for batch in batches:
-                logits = logits_fn(model, batch).float()
-                logp = F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
-                if not torch.isfinite(logp).all():
-                    raise ValueError("calibration logits are not finite; cannot estimate Fisher traces")
-                probs = logp.detach().exp().cpu()
-                for i in range(n_samples):
-                    y = torch.multinomial(probs, 1, generator=gen).to(logp.device)
-                    total = -logp.gather(1, y).sum()
-                    grads = torch.autograd.grad(total, ws, retain_graph=i < n_samples - 1)
-                    sq = {n: float(g.double().pow(2).sum()) / logp.shape[0] for n, g in zip(names, grads)}
-                    for n in names:
-                        sums[n] += sq[n]
-                    if history is not None:
-                        history.append({n: sq[n] / _numel(layers[n]) for n in names})
-                    bar.update(1)
-                del logits, logp
-            bar.close()
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-        model.train(was_training)
+    with _estimation(model, layers, bits) as (names, ws):
+        bar = tqdm(total=len(batches) * n_samples, desc="fisher trace", unit="sample", disable=not progress)
+        for batch in batches:
+            logits = logits_fn(model, batch).float()
+            logp = F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+            if not torch.isfinite(logp).all():
+                raise ValueError("calibration logits are not finite; cannot estimate Fisher traces")
+            probs = logp.detach().exp().cpu()
+            for i in range(n_samples):
+                y = torch.multinomial(probs, 1, generator=gen).to(logp.device)
+                total = -logp.gather(1, y).sum()
+                grads = torch.autograd.grad(total, ws, retain_graph=i < n_samples - 1)
+                sq = {n: float(g.double().pow(2).sum()) / logp.shape[0] for n, g in zip(names, grads)}
+                for n in names:
+                    sums[n] += sq[n]
+                if history is not None:
+                    history.append({n: sq[n] / _numel(layers[n]) for n in names})
+                bar.update(1)
+            del logits, logp
+        bar.close()
     count = len(batches) * n_samples
     return {n: sums[n] / count / _numel(layers[n]) for n in names}
 

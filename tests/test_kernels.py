@@ -52,7 +52,7 @@ def test_every_kernel_matches_dequant_reference(out_f, in_f, group_size, dtype):
             used = check(layer, bits, dtype, kernel)
             if kernel not in ("auto", "dequant") and used != kernel:
                 assert used == "dequant"  # an unavailable explicit kernel falls back, never crashes
-                assert kernels._requirements(kernel, out_f, in_f, bits, group_size, dtype, torch.device("cpu"))
+                assert kernels.requirements(kernel, out_f, in_f, bits, group_size, dtype, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("group_size", [None, 32])
@@ -81,7 +81,7 @@ def test_auto_dispatch_rules():
 
 def test_unavailable_kernel_logs_once(caplog):
     layer = make(24, 100, None)
-    kernels._said.clear()
+    kernels.common._said.clear()
     with caplog.at_level(logging.INFO, logger="abs_llm.kernels"):
         for bits in (8, 8):
             layer.invalidate_cache()
@@ -167,10 +167,10 @@ def test_lookup_tables_equal_core_derive_exactly(master_bits):
     for bits in core.allowed_candidates(master_bits):
         ql = core.derive(q, master_bits, bits)
         d = master_bits - bits
-        assert torch.equal(kernels._lookup(q, master_bits, bits, "int8", torch.int8), ql * 2**d)
+        assert torch.equal(kernels.lookup(q, master_bits, bits, "int8", torch.int8), ql * 2**d)
         if bits <= 4:
-            assert torch.equal(kernels._lookup(q, master_bits, bits, "nib", torch.int32), ql.int() + 8)
-        h, l8 = (kernels._lookup(q, master_bits, bits, p, torch.int32) for p in ("hi", "lo"))
+            assert torch.equal(kernels.lookup(q, master_bits, bits, "nib", torch.int32), ql.int() + 8)
+        h, l8 = (kernels.lookup(q, master_bits, bits, p, torch.int32) for p in ("hi", "lo"))
         assert torch.equal(16 * (h - 8) + l8, ql.int()) and int(l8.min()) >= 0 and int(l8.max()) <= 15
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .core import allowed_candidates, check_group_size
+from .checkpoint import FORMAT_VERSION
+from .core import (DEFAULT_CANDIDATE_BITS, DEFAULT_GROUP_SIZE, DEFAULT_MASTER_BITS, MASTER_BITS, allowed_candidates,
+                   check_group_size)
 from .kernels import check_kernel
 
 QUANT_METHOD = "double_rounding"
-FORMAT_VERSION = 1
 
 
 def _check_bits(name: str, value, allowed) -> int:
@@ -21,7 +22,7 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
     """Switchable multi-bit weight quantization: one integer master, every lower bit-width derived by a second rounding.
 
     Args:
-        bits: active bit-width after loading (one of ``candidate_bits``).
+        bits: active bit-width after loading (one of ``candidate_bits``; default: the highest candidate).
         candidate_bits: bit-widths the model may switch to; all ``<= master_bits``.
         master_bits: stored integer precision, 8 (candidates 2..8) or 4 (candidates 2..4, packed two per byte).
         group_size: ``None`` for one scale per output channel, or a power of two in [16, 1024] input columns per
@@ -38,10 +39,10 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
 
     def __init__(
         self,
-        bits: int = 8,
-        candidate_bits: list[int] | tuple[int, ...] = (8, 6, 4, 3, 2),
-        master_bits: int = 8,
-        group_size: int | None = 64,
+        bits: int | None = None,
+        candidate_bits: list[int] | tuple[int, ...] = DEFAULT_CANDIDATE_BITS,
+        master_bits: int = DEFAULT_MASTER_BITS,
+        group_size: int | None = DEFAULT_GROUP_SIZE,
         modules_to_not_convert: list[str] | None = None,
         layer_bits: dict[str, int] | None = None,
         hessian_traces: dict[str, float] | None = None,
@@ -65,13 +66,15 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
         self.post_init()
 
     def post_init(self):
-        allowed = allowed_candidates(_check_bits("master_bits", self.master_bits, (8, 4)))
+        allowed = allowed_candidates(_check_bits("master_bits", self.master_bits, MASTER_BITS))
         if not self.candidate_bits:
             raise ValueError(f"candidate_bits must be a non-empty list drawn from {list(allowed)}")
         cands = [_check_bits("candidate_bits entry", b, allowed) for b in self.candidate_bits]
         if len(set(cands)) != len(cands):
             raise ValueError(f"candidate_bits has duplicates: {cands}")
         self.candidate_bits = sorted(cands, reverse=True)
+        if self.bits is None:  # the highest candidate: the master's own width for the default candidates
+            self.bits = self.candidate_bits[0]
         _check_bits("bits", self.bits, self.candidate_bits)
         check_group_size(self.group_size)
         check_kernel(self.kernel)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import core
+from .hf_quantizer import replace_linears
 from .switching import switchable_layers
 
 FORMATS = ("compressed-tensors", "hf-dense")
@@ -126,14 +127,15 @@ def dense_copy(model, bits: int):
     layers = _check(model, bits, "hf-dense")
     dense = copy.deepcopy(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    for name in layers:
-        m = dense.get_submodule(name)
+
+    def to_linear(name, m):
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         lin.weight = nn.Parameter(m.derived_weight(bits, dtype).detach().clone(), requires_grad=False)
         if m.bias is not None:
             lin.bias = nn.Parameter(m.bias.detach().clone().to(dtype), requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        setattr(dense.get_submodule(parent) if parent else dense, child, lin)
+        return lin
+
+    replace_linears(dense, list(layers), to_linear)
     for attr in ("hf_quantizer", "quantization_method"):
         if hasattr(dense, attr):
             delattr(dense, attr)

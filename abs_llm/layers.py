@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import core, kernels
+from . import checkpoint, core, kernels
 
 # Default memory cap of a layer's cache of packed weights, as a multiple of the int8 master's bytes. Entries sharing
 # the master (int8pack at the master's own width) cost nothing, so 8<->4 ping-pong in bf16 (0 + 0.5x) stays cached;
@@ -36,9 +36,9 @@ class SwitchableLinear(nn.Module):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        master_bits: int = 8,
-        candidate_bits=(8, 6, 4, 3, 2),
-        group_size: int | None = 64,
+        master_bits: int = core.DEFAULT_MASTER_BITS,
+        candidate_bits=core.DEFAULT_CANDIDATE_BITS,
+        group_size: int | None = core.DEFAULT_GROUP_SIZE,
         bits: int | None = None,
         device=None,
         dtype=None,
@@ -49,6 +49,8 @@ class SwitchableLinear(nn.Module):
         super().__init__()
         allowed = core.allowed_candidates(master_bits)
         core.check_group_size(group_size)
+        if not candidate_bits:
+            raise ValueError(f"candidate_bits must be a non-empty list drawn from {list(allowed)}")
         bad = [b for b in candidate_bits if b not in allowed]
         if bad:
             raise ValueError(f"candidate bits {bad} not derivable from a {master_bits}-bit master; allowed {list(allowed)}")
@@ -60,12 +62,11 @@ class SwitchableLinear(nn.Module):
         self._cache: OrderedDict = OrderedDict()  # (bits, dtype, device) -> kernels.Packed, least recent first
         self._kernel = kernels.check_kernel(kernel)
         self._act = None  # (dtype, device) of the last forward: what set_bits packs eagerly
-        cols = in_features if master_bits == 8 else (in_features + 1) // 2
-        mdtype = torch.int8 if master_bits == 8 else torch.uint8
-        self.register_buffer("weight_master", torch.zeros(out_features, cols, dtype=mdtype, device=device))
-        ngroups = core.num_groups(in_features, group_size)
+        mdtype, mshape = checkpoint.master_layout(out_features, in_features, master_bits)
+        self.register_buffer("weight_master", torch.zeros(mshape, dtype=mdtype, device=device))
         self.weight_scale = nn.Parameter(
-            torch.ones(out_features, ngroups, dtype=torch.float32, device=device), requires_grad=False
+            torch.ones(checkpoint.scale_shape(out_features, in_features, group_size), dtype=torch.float32,
+                       device=device), requires_grad=False
         )
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
         self.register_parameter("weight", None)  # latent float weight, training mode only
@@ -74,7 +75,8 @@ class SwitchableLinear(nn.Module):
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_linear(cls, linear: nn.Linear, master_bits=8, candidate_bits=(8, 6, 4, 3, 2), group_size=64, bits=None,
+    def from_linear(cls, linear: nn.Linear, master_bits=core.DEFAULT_MASTER_BITS,
+                    candidate_bits=core.DEFAULT_CANDIDATE_BITS, group_size=core.DEFAULT_GROUP_SIZE, bits=None,
                     trainable: bool = False, name: str = "") -> "SwitchableLinear":
         w = linear.weight.detach()
         if not torch.isfinite(w).all():
@@ -112,9 +114,7 @@ class SwitchableLinear(nn.Module):
         """The master integers as int8 ``(out, in)`` (unpacked for a 4-bit master)."""
         if self.trainable:
             return core.quantize_master(self.weight, self.weight_scale, self.master_bits, self.group_size)
-        if self.master_bits == 4:
-            return core.unpack_int4(self.weight_master, self.in_features)
-        return self.weight_master
+        return checkpoint.decode_master(self.weight_master, self.master_bits, self.in_features)
 
     def set_master(self, q: torch.Tensor) -> None:
         lo, hi = core.qrange(self.master_bits)
@@ -122,8 +122,7 @@ class SwitchableLinear(nn.Module):
             raise ValueError(f"master shape {tuple(q.shape)} != {(self.out_features, self.in_features)}")
         if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
             raise ValueError(f"master values outside [{lo}, {hi}] for {self.master_bits}-bit master")
-        packed = core.pack_int4(q) if self.master_bits == 4 else q.to(torch.int8)
-        self.weight_master = packed.to(self.weight_scale.device)
+        self.weight_master = checkpoint.encode_master(q, self.master_bits).to(self.weight_scale.device)
         self.invalidate_cache()
 
     # ---- bit-width ----------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 import yaml
 
 import abs_llm

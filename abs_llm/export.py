@@ -23,7 +23,7 @@ from torch import nn
 
 from . import core
 from .hf_quantizer import replace_linears
-from .switching import switchable_layers
+from .switching import check_bits, require_layers
 
 FORMATS = ("compressed-tensors", "hf-dense")
 _AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -33,13 +33,8 @@ _AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 def _check(model, bits: int, fmt: str) -> dict:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
-    layers = switchable_layers(model)
-    if not layers:
-        raise ValueError("model has no SwitchableLinear layers; nothing to export")
-    bad = sorted({n for n, m in layers.items() if bits not in m.candidate_bits})
-    if bad:
-        raise ValueError(f"bits={bits} is not a candidate bit-width of {bad[:3]}; allowed "
-                         f"{sorted(next(iter(layers.values())).candidate_bits)}")
+    layers = require_layers(model)
+    check_bits(model, bits)
     if any(m.trainable for m in layers.values()):
         raise ValueError("model has SwitchableLinear layers in training mode; freeze() them before exporting")
     return layers
@@ -160,3 +155,16 @@ def export(model, out, bits: int, fmt: str, source_dir=None) -> Path:
     _check(model, bits, fmt)
     fn = export_compressed_tensors if fmt == "compressed-tensors" else export_dense
     return fn(model, out, bits, source_dir=source_dir)
+
+
+def export_checkpoint(checkpoint, out, bits: int, fmt: str, overwrite: bool = False) -> Path:
+    """``abs-llm export``: load a switchable checkpoint and write its ``bits`` snapshot in ``fmt`` to ``out`` (the format
+    and the output folder are checked before the slow load)."""
+    from .integrity import prepare_output_dir
+    from .pipeline import load_checkpoint
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
+    out = prepare_output_dir(out, overwrite)
+    model, _ = load_checkpoint(checkpoint, tokenizer=False)
+    return export(model, out, bits, fmt, source_dir=checkpoint)

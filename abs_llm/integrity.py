@@ -111,6 +111,16 @@ def verify_file(file, header_meta: dict) -> None:
         raise ValueError(f"{file}: tensor(s) {bad[:5]} do not match their save-time digests (corrupted or tampered)")
 
 
+def prepare_output_dir(path, overwrite: bool) -> Path:
+    """Refuse to write into a non-empty directory unless ``overwrite``: a user's files are never clobbered silently."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+    return out
+
+
 # ---- crash-safe save ------------------------------------------------------------------------------------------------
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""

@@ -28,7 +28,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge, check_target_modul
 
 from . import core
 from .layers import SwitchableLinear
-from .switching import switchable_layers
+from .switching import require_layers, switchable_layers
 
 __all__ = ["SwitchableLoraLinear", "register", "lora_config", "get_peft_model", "load_adapter", "merge_delta"]
 
@@ -122,9 +122,7 @@ def _check_targets(model, config: LoraConfig) -> None:
 
 def get_peft_model(model, config: LoraConfig, adapter_name: str = "default", **kwargs):
     """``peft.get_peft_model`` with the switchable dispatch registered and the target names checked first."""
-    if not switchable_layers(model):
-        raise ValueError("model has no SwitchableLinear layers; quantize it first (abs_llm.quantize)")
-    trainable = [n for n, m in switchable_layers(model).items() if m.trainable]
+    trainable = [n for n, m in require_layers(model).items() if m.trainable]
     if trainable:
         raise ValueError(f"LoRA expects a frozen switchable model, but {trainable[:3]} are in training mode;"
                          " call freeze() on them (or reload the checkpoint)")

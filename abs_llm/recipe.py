@@ -141,8 +141,7 @@ def build_trainer(recipe: dict):
     from .hf_quantizer import quantize
     from .training import MultiBitConfig, MultiBitTrainer
 
-    qcfg = DoubleRoundingConfig(**{"candidate_bits": [8, 6, 4, 3, 2], "group_size": 64, **recipe["quant"]})
-    qcfg.bits = max(qcfg.candidate_bits)
+    qcfg = DoubleRoundingConfig(**recipe["quant"])  # trains from the highest candidate; defaults live in core
     mb_fields = dict(recipe["multibit"])
     if "bit_weights" in mb_fields and mb_fields["bit_weights"]:
         mb_fields["bit_weights"] = {int(k): float(v) for k, v in mb_fields["bit_weights"].items()}

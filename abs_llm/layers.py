@@ -177,7 +177,6 @@ class SwitchableLinear(nn.Module):
             self._cache.popitem(last=False)
         return p
 
-    _cached_weight = packed  # older name, used by benchmarks/bench_ptq.py
 
     def prepare(self) -> kernels.Packed | None:
         """Pack the active width for the activation dtype/device last seen in forward (no-op before any forward)."""

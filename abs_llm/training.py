@@ -3,7 +3,7 @@
 One optimisation step = one batch, run forward/backward once per bit-width of ``MultiBitConfig.bits`` (in that order),
 all bit-widths sharing the latent float weights and the scales of every ``SwitchableLinear``.
 
-Per-precision learning rate of the scales (ALRS, DESIGN.md). A scale tensor is shared by every bit-width, so "the
+Per-precision learning rate of the scales (ALRS, docs/architecture.md). A scale tensor is shared by every bit-width, so "the
 scale LR of precision b" can only mean "the update that precision b's gradient causes is scaled by eta_b":
 
 - ``step_per_bit=True`` (the paper): the optimiser steps after every bit-width's backward, and during bit b's step
@@ -136,8 +136,8 @@ class MultiBitTrainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
 
     def _grad_adaptive(self) -> None:
-        """Gradient-adaptive term (off by default). DESIGN.md: "subtract the layer-mean of the clipped max-|grad| of the
-        scales". Our reading: per layer ``c_l = min(max|g_l|, clip)``; each layer's scale gradient is shrunk towards
+        """Gradient-adaptive term (off by default). The paper (docs/architecture.md): "subtract the layer-mean of the
+        clipped max-|grad| of the scales". Our reading: per layer ``c_l = min(max|g_l|, clip)``; each layer's scale gradient is shrunk towards
         zero by the mean ``c`` of the layers *relative to its own* ``c_l`` (``g_l * (1 - c / (c_l + c))``), so a layer
         whose scale gradient spikes above the others is damped most and no gradient changes sign."""
         grads = [m.weight_scale.grad for m in self.layers.values() if m.weight_scale.grad is not None]

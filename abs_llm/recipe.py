@@ -3,6 +3,8 @@
 Schema (every key optional except where noted; unknown keys are errors so a typo never silently does nothing)::
 
     model: null                   # HF id or local path; null = the embedded SmolLM2-135M-Instruct
+    init: null                    # optional switchable checkpoint the student starts from (e.g. a GPTQ master);
+                                  # ``model`` is then the float teacher and the tokenizer; ``quant`` must agree or be empty
     output_dir: outputs/qat
     data:
       source: lee                 # "lee" (embedded corpus) | a local .txt/.json/.jsonl file | a Hub dataset name
@@ -35,13 +37,14 @@ import copy
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import yaml
 
 logger = logging.getLogger(__name__)
 
-TOP_KEYS = {"model", "output_dir", "data", "quant", "multibit", "train"}
+TOP_KEYS = {"model", "init", "output_dir", "data", "quant", "multibit", "train"}
 DATA_KEYS = {"source", "split", "docs", "text_field", "block_size", "config"}
 QUANT_KEYS = {"candidate_bits", "master_bits", "group_size"}
 TRAIN_DEFAULTS = dict(max_steps=40, per_device_train_batch_size=2, learning_rate=1e-5, weight_decay=0.0,
@@ -62,6 +65,9 @@ def load_recipe(path: str | os.PathLike, max_steps: int | None = None, output_di
         unknown = set(section) - keys
         if unknown:
             raise ValueError(f"recipe {path}: unknown {name} keys {sorted(unknown)}; allowed {sorted(keys)}")
+    for section in ("train", "multibit"):
+        if isinstance(recipe.get(section), dict):
+            recipe[section] = {k: _number(v) for k, v in recipe[section].items()}
     train = {**TRAIN_DEFAULTS, **(recipe.get("train") or {})}
     if max_steps is not None:
         train["max_steps"] = max_steps
@@ -77,6 +83,13 @@ def load_recipe(path: str | os.PathLike, max_steps: int | None = None, output_di
     return recipe
 
 
+def _number(value):
+    """YAML 1.1 (PyYAML) reads ``3e-5`` (no dot) as a string; a recipe means the number."""
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)
+    return value
+
+
 # ---- data ---------------------------------------------------------------------------------------------------------
 def load_texts(data: dict) -> list[str]:
     """Documents from the embedded Lee corpus, a local text/json file, or a Hub dataset (online only)."""
@@ -86,20 +99,20 @@ def load_texts(data: dict) -> list[str]:
         from .data import default_corpus
 
         texts = default_corpus(data.get("split", "train"))
-    else:
-        import datasets
+    elif Path(source).exists():  # a local file: read here, no `datasets` needed (a GPU box may lack it)
+        from .blocks import read_text_file
 
         p = Path(source)
-        if p.exists():
-            if not p.is_file() or not p.read_bytes().strip():
-                raise ValueError(f"dataset {source} holds no non-empty text (expected a .txt/.json/.jsonl file)")
-            kind = "json" if p.suffix in (".json", ".jsonl") else "text"
-            try:
-                ds = datasets.load_dataset(kind, data_files=str(p), split="train")
-            except Exception as e:  # datasets' parse errors do not name the file
-                raise ValueError(f"cannot read dataset {source} as {kind}: {e}") from None
-        else:
-            ds = datasets.load_dataset(source, data.get("config"), split=data.get("split", "train"))
+        if not p.is_file() or not p.read_bytes().strip():
+            raise ValueError(f"dataset {source} holds no non-empty text (expected a .txt/.json/.jsonl file)")
+        texts = read_text_file(p, field)
+    else:
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"dataset {source!r} is neither 'lee' nor a local file, and reading a Hub dataset needs "
+                             "the `datasets` package (pip install datasets)") from None
+        ds = datasets.load_dataset(source, data.get("config"), split=data.get("split", "train"))
         if field not in ds.column_names:
             raise ValueError(f"dataset {source} has no column {field!r}; columns {ds.column_names} (set data.text_field)")
         texts = list(ds[field])
@@ -114,8 +127,8 @@ def load_texts(data: dict) -> list[str]:
 
 def pack_blocks(tokenizer, texts: list[str], block_size: int):
     """Tokenize each document (no special tokens, documents joined by "\\n\\n" as in evaluation), concatenate and cut
-    into full ``block_size`` blocks; the short tail is dropped. Returns a ``datasets.Dataset``."""
-    import datasets
+    into full ``block_size`` blocks; the short tail is dropped. Returns a :class:`abs_llm.blocks.Blocks` dataset."""
+    from .blocks import Blocks
 
     if not isinstance(block_size, int) or block_size < 2:
         raise ValueError(f"block_size must be an integer >= 2, got {block_size!r}")
@@ -126,9 +139,7 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int):
     n = len(ids) // block_size
     if n == 0:
         raise ValueError(f"dataset too short: {len(ids)} tokens, fewer than one block of {block_size}")
-    blocks = [ids[i * block_size:(i + 1) * block_size] for i in range(n)]
-    return datasets.Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size] * n,
-                                       "labels": blocks})
+    return Blocks([ids[i * block_size:(i + 1) * block_size] for i in range(n)])
 
 
 # ---- run ----------------------------------------------------------------------------------------------------------
@@ -166,14 +177,36 @@ def build_trainer(recipe: dict):
     tok = AutoTokenizer.from_pretrained(path)
     data = recipe["data"]
     train_ds = pack_blocks(tok, load_texts(data), data.get("block_size", 256))  # data errors before the model loads
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    teacher = copy.deepcopy(model).eval() if mb.kd != "none" else None
-    quantize(model, qcfg, trainable=True)
+    if recipe.get("init"):
+        model = load_init(recipe["init"], recipe["quant"])
+        teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() if mb.kd != "none" else None
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        teacher = copy.deepcopy(model).eval() if mb.kd != "none" else None
+        quantize(model, qcfg, trainable=True)
     model.config.use_cache = False
     if mb.hasb and mb.hasb_traces is None and not getattr(model.config.quantization_config, "hessian_traces", None):
         mb.hasb_traces = estimate_traces(model, train_ds, seed=mb.hasb_seed)
     return MultiBitTrainer(model=model, args=args, multibit=mb, teacher=teacher, train_dataset=train_ds,
                            data_collator=default_data_collator, processing_class=tok)
+
+
+def load_init(init, quant: dict):
+    """The switchable checkpoint a recipe's student starts from (MultiBitTrainer turns its master into latent weights);
+    a ``quant`` section that contradicts the checkpoint is refused instead of silently ignored."""
+    from .pipeline import load_checkpoint
+
+    if not Path(init, "config.json").is_file():
+        raise ValueError(f"init {init} is not a checkpoint directory (no config.json); give a switchable checkpoint")
+    model, _ = load_checkpoint(init, tokenizer=False)
+    qc = model.config.quantization_config
+    have = {"candidate_bits": list(qc.candidate_bits), "master_bits": qc.master_bits, "group_size": qc.group_size}
+    bad = {k: v for k, v in quant.items() if k in have and (sorted(v) if k == "candidate_bits" else v) != (
+        sorted(have[k]) if k == "candidate_bits" else have[k])}
+    if bad:
+        raise ValueError(f"recipe quant {bad} contradicts the init checkpoint {init} ({have}); drop the quant section")
+    model.config.use_cache = False
+    return model
 
 
 def estimate_traces(model, train_ds, n_blocks: int = 8, n_samples: int = 4, seed: int = 0) -> dict[str, float]:

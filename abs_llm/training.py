@@ -33,7 +33,9 @@ from transformers import Trainer
 
 from .core import alrs_multiplier
 from .hasb import HASBSampler, attach_traces, load_traces
-from .multibit import KD_MODES, MultiBitConfig, kd_kl, lm_loss, validate  # noqa: F401  (public here too)
+from . import distributed
+from .multibit import (KD_MODES, MultiBitConfig, kd_kl, kd_kl_cached, kd_target, lm_loss,  # noqa: F401  (public here too)
+                       validate)
 from .switching import set_bits, switchable_layers
 
 logger = logging.getLogger(__name__)
@@ -69,14 +71,26 @@ class MultiBitTrainer(Trainer):
         self.teacher = teacher
         if teacher is not None:
             teacher.eval().requires_grad_(False)
-        self._scale_mult = 1.0
-        self._bit_loss = {b: [0.0, 0] for b in self.bits_order}
+        self._bit_loss = {b: [0.0, 0] for b in self.bits_order}  # loss sums stay tensors: no device sync per width
+        self._grad_norm = {b: [0.0, 0] for b in self.bits_order}  # step_per_bit: the norm each width's step saw
         self._loss_ema: dict[int, float] = {}  # loss_norm's running means (not checkpointed: re-seeded on resume)
         self._hasb_bits = [0.0, 0]
         self._scale_state: dict[int, dict] = {}
         self._in_checkpoint = False
-        for layer in self.layers.values():  # why a hook: see "accumulate" in the module docstring
-            layer.weight_scale.register_hook(lambda g: g * self._scale_mult if self._scale_mult != 1.0 else g)
+        for layer in self.layers.values():
+            layer.fused = self.mb.fused
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        distributed.check_processes(self.accelerator)
+        if distributed.enable_cpu_fsdp2(self.accelerator):
+            self.is_fsdp_enabled = True
+
+    def _set_scale_grad_mult(self, mult: float) -> None:
+        """ALRS in accumulate mode (module docstring): bit b's share of every scale gradient is multiplied by eta_b
+        inside the fake-quantize backward, before it is accumulated or all-reduced (DDP) / reduce-scattered (FSDP2)."""
+        for layer in self.layers.values():
+            layer.scale_grad_mult = mult
 
     def _hasb_traces(self, model) -> dict[str, float]:
         source = self.mb.hasb_traces
@@ -117,8 +131,13 @@ class MultiBitTrainer(Trainer):
 
     def _step_for_bit(self, model, bits: int) -> None:
         """Paper Alg. A.2: clip, step with the scale LR of this precision, zero the gradients."""
-        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        # the Trainer's own clip runs after training_step has stepped and zeroed every gradient (and logs 0), so
+        # the norm that each width's update saw is recorded here (clipped at max_grad_norm when set)
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
+        norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        if norm is not None:
+            acc = self._grad_norm[bits]
+            acc[0], acc[1] = acc[0] + norm.detach(), acc[1] + 1
         if self.mb.grad_adaptive:
             self._grad_adaptive()
         opt = getattr(self.optimizer, "optimizer", self.optimizer)
@@ -158,9 +177,10 @@ class MultiBitTrainer(Trainer):
                 if "attention_mask" in inputs else inputs["input_ids"]
         mask = (labels[:, 1:] != -100).float()
         target = None
+        temperature = self.mb.kd_temperature
         if self.teacher is not None and self.mb.kd != "none":
-            with torch.no_grad():  # once per batch, shared by every bit-width
-                target = self.teacher.to(labels.device)(**inputs).logits[:, :-1]
+            with torch.no_grad():  # once per batch, shared by every bit-width (teacher softmax included)
+                target = kd_target(self.teacher.to(labels.device)(**inputs).logits[:, :-1], temperature)
         ga = self.args.gradient_accumulation_steps
         unwrapped = self.accelerator.unwrap_model(model)
         total = torch.zeros((), device=labels.device)
@@ -178,21 +198,24 @@ class MultiBitTrainer(Trainer):
             last = i == len(self.bits_order) - 1
             # accumulate mode: only the last backward of the batch all-reduces (as in gradient accumulation)
             sync = contextlib.nullcontext() if (last or self.mb.step_per_bit) else self.accelerator.no_sync(model)
-            self._scale_mult = 1.0 if self.mb.step_per_bit else self._alrs(b)
+            if not self.mb.step_per_bit:
+                self._set_scale_grad_mult(self._alrs(b))
             with sync, self.compute_loss_context_manager():
                 logits = model(**inputs).logits
                 teacher_b = inplace_target if (self.mb.kd == "inplace" and i > 0) else target
                 loss = self._bit_loss_fn(logits, labels, mask, teacher_b)
                 self.accelerator.backward(loss * (w / ga / self._norm(b, loss)))
             if self.mb.kd == "inplace" and b == self.bits_order[0]:
-                inplace_target = logits[:, :-1].detach()
-            self._bit_loss[b][0] += float(loss.detach())
+                with torch.no_grad():
+                    inplace_target = kd_target(logits[:, :-1].detach(), temperature)
+            self._bit_loss[b][0] += loss.detach()
             self._bit_loss[b][1] += 1
             total = total + loss.detach() * (w / ga)
             del logits
             if self.mb.step_per_bit:
                 self._step_for_bit(model, b)
-        self._scale_mult = 1.0
+        if not self.mb.step_per_bit:
+            self._set_scale_grad_mult(1.0)
         set_bits(unwrapped, max(self.bits_order))
         if self.mb.grad_adaptive and not self.mb.step_per_bit and self.accelerator.sync_gradients:
             self._grad_adaptive()
@@ -210,16 +233,23 @@ class MultiBitTrainer(Trainer):
         a = self.mb.kd_alpha if target is not None else 0.0
         loss = lm_loss(logits, labels) if a < 1 else logits.new_zeros(())
         if a > 0:
-            loss = (1 - a) * loss + a * kd_kl(logits[:, :-1], target, mask, self.mb.kd_temperature)
+            loss = (1 - a) * loss + a * kd_kl_cached(logits[:, :-1], target, mask, self.mb.kd_temperature)
         return loss
 
     def log(self, logs, *args, **kwargs):
-        """Add the mean loss of each bit-width since the last log (``loss_w8``, ``loss_w4``...)."""
+        """Add the mean loss of each bit-width since the last log (``loss_w8``, ``loss_w4``...; averaged over the
+        processes, like ``loss``), and in step-per-bit mode the gradient norm each width's step saw
+        (``grad_norm_w8``...) with their mean as ``grad_norm``. Called on every process (it all-reduces)."""
         if "loss" in logs:
-            for b, (s, n) in self._bit_loss.items():
-                if n:
-                    logs[f"loss_w{b}"] = round(s / n, 6)
-                self._bit_loss[b] = [0.0, 0]
+            losses = distributed.mean_over_processes(self.accelerator, self._bit_loss)
+            logs.update({f"loss_w{b}": round(v, 6) for b, v in losses.items()})
+            self._bit_loss = {b: [0.0, 0] for b in self.bits_order}
+            if self.mb.step_per_bit:  # gradients are all-reduced already: every process saw the same norms
+                norms = {b: float(s) / n for b, (s, n) in self._grad_norm.items() if n}
+                logs.update({f"grad_norm_w{b}": round(v, 6) for b, v in norms.items()})
+                if norms:
+                    logs["grad_norm"] = round(sum(norms.values()) / len(norms), 6)
+                self._grad_norm = {b: [0.0, 0] for b in self.bits_order}
             if self._hasb_bits[1]:  # unweighted mean over layers of the sampled maps
                 logs["hasb_mean_bits"] = round(self._hasb_bits[0] / self._hasb_bits[1], 4)
                 self._hasb_bits = [0.0, 0]
@@ -246,7 +276,9 @@ class MultiBitTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         state, seen = {}, set()
-        for k, v in self.model.state_dict().items():  # tied weights once, under their first name (the embedding)
+        # under FSDP the Trainer passes the gathered full state dict (the model's own holds DTensor shards)
+        for k, v in (state_dict if state_dict is not None else self.model.state_dict()).items():
+            # tied weights once, under their first name (the embedding)
             if v.data_ptr() not in seen:
                 seen.add(v.data_ptr())
                 state[k] = v.detach().contiguous()
@@ -258,12 +290,16 @@ class MultiBitTrainer(Trainer):
 
     def save_switchable(self, output_dir: str) -> None:
         """Freeze every layer (round to the integer master) and write a switchable checkpoint with ``save_pretrained``.
-        Call once, after training: the model leaves training mode."""
+        Call once, after training, on every process: the model leaves training mode (under FSDP2 a gathered copy is
+        frozen and saved by the main process; the sharded model stays as it was)."""
         self.accelerator.wait_for_everyone()
         model = self.accelerator.unwrap_model(self.model)
-        for layer in switchable_layers(model).values():
-            layer.freeze()
-        set_bits(model, max(self.bits_order))
+        if distributed.is_fsdp2(self.accelerator):  # shards gathered into a plain copy; self.model stays sharded
+            model = distributed.full_model_on_main(self.accelerator, model)
+        if model is not None:
+            for layer in switchable_layers(model).values():
+                layer.freeze()
+            set_bits(model, max(self.bits_order))
         if self.args.should_save:
             model.save_pretrained(output_dir)
             if self.processing_class is not None:

@@ -45,3 +45,63 @@ def test_recipe_with_hasb_estimates_traces(tiny_lm_dir, tmp_path):
     assert set(traces) == set(switchable_layers(tr.model)) and all(map(lambda t: t == t, traces.values()))
     tr.train()
     assert "hasb_mean_bits" in tr.state.log_history[0]
+
+
+def test_recipe_runs_without_the_datasets_package(tiny_lm_dir, tmp_path):
+    """A GPU box may have torch + transformers + accelerate only: local files and packing need no `datasets`."""
+    import os
+    import subprocess
+    import sys
+
+    path = write_recipe(tmp_path, tiny_lm_dir, max_steps=1, save_strategy="no")
+    code = ("import sys; sys.modules['datasets'] = None\n"  # import datasets -> ImportError; transformers sees none
+            "from abs_llm.recipe import train\n"
+            f"tr = train({str(path)!r}, output_dir={str(tmp_path / 'o')!r})\n"
+            "assert 'datasets' not in type(tr.train_dataset).__module__\n"
+            "print('steps', tr.state.global_step)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "steps 1" in res.stdout, res.stderr[-3000:]
+
+
+def test_hub_dataset_without_the_datasets_package_is_refused(monkeypatch):
+    import sys
+
+    from abs_llm.recipe import load_texts
+
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ValueError, match="needs the `datasets` package"):
+        load_texts({"source": "some-user/some-hub-dataset"})
+
+
+def test_local_json_and_text_files(tmp_path):
+    from abs_llm.recipe import load_texts
+
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two", "id": 2}\n')
+    (tmp_path / "b.json").write_text('[{"body": "x"}, {"body": "y"}]')
+    (tmp_path / "c.txt").write_text("first line\n\nsecond line\n")
+    assert load_texts({"source": str(tmp_path / "a.jsonl")}) == ["one", "two"]
+    assert load_texts({"source": str(tmp_path / "b.json"), "text_field": "body"}) == ["x", "y"]
+    assert load_texts({"source": str(tmp_path / "c.txt")}) == ["first line", "second line"]
+    with pytest.raises(ValueError, match=r"no column 'text'; columns \['body'\]"):
+        load_texts({"source": str(tmp_path / "b.json")})
+    (tmp_path / "d.json").write_text('{"text": "x"}\n{broken')
+    with pytest.raises(ValueError, match="cannot read dataset"):
+        load_texts({"source": str(tmp_path / "d.json")})
+
+
+def test_recipe_numbers_without_a_dot_and_init_checkpoint(tiny_lm_dir, qckpt, tmp_path):
+    """PyYAML reads ``3e-5`` as a string: the recipe means a number. ``init`` starts the student from a switchable
+    checkpoint (its master becomes the latent weights), the float ``model`` stays the teacher."""
+    from abs_llm.recipe import load_init
+
+    path = tmp_path / "r.yaml"
+    path.write_text("train: {learning_rate: 3e-5}\nmultibit: {scale_lr: 1e-4}\n")
+    r = load_recipe(path)
+    assert r["train"]["learning_rate"] == 3e-5 and r["multibit"]["scale_lr"] == 1e-4
+    model = load_init(qckpt, {})
+    assert set(model.config.quantization_config.candidate_bits) == {8, 4, 2}
+    with pytest.raises(ValueError, match="contradicts the init checkpoint"):
+        load_init(qckpt, {"candidate_bits": [8, 6, 4, 3, 2]})
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        load_init(tmp_path, {})

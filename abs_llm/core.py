@@ -164,7 +164,9 @@ def fake_quantize(
     backward, so it holds wherever the scale lives, DDP bucket or FSDP2 shard). ``fused=True`` runs the same math
     through ``torch.compile`` (one generated kernel per pass instead of ~10 eager ones; see :func:`_kernels`).
     """
-    s = scale.to(w.dtype)
+    if w.dtype in (torch.float16, torch.bfloat16):  # the grid of freeze()/quantize_master is computed in float32
+        w = w.float()
+    s = scale if scale.dtype == w.dtype else scale.to(w.dtype)
     if lsq_grad_scale:
         cols = w.shape[1]
         g = cols if group_size is None else min(group_size, cols)
@@ -201,14 +203,16 @@ def _fq_backward(g2: torch.Tensor, w2: torch.Tensor, s: torch.Tensor, q: torch.T
 _CONSTS: dict = {}
 
 
-def _consts(master_bits: int, bits: int, device) -> tuple[torch.Tensor, ...]:
-    """``(2^-d, lo_h, lo_l, hi_l, 2^d)`` as 0-dim float32 tensors on ``device``, made once per width and device."""
-    key = (master_bits, bits, str(device))
-    if key not in _CONSTS:
+def _consts(master_bits: int, bits: int, device, dtype) -> tuple[torch.Tensor, ...]:
+    """``(2^-d, lo_h, lo_l, hi_l, 2^d)`` as 0-dim tensors (exact in any float dtype), made once per width, device and
+    dtype: a training step asks ~ layers x widths times, so nothing is built or converted per call."""
+    key = (master_bits, bits, device, dtype)
+    consts = _CONSTS.get(key)
+    if consts is None:
         d = master_bits - bits
         vals = (2.0**-d, qrange(master_bits)[0], *qrange(bits), 2.0**d)
-        _CONSTS[key] = tuple(torch.tensor(float(v), device=device) for v in vals)
-    return _CONSTS[key]
+        consts = _CONSTS[key] = tuple(torch.tensor(float(v), device=device, dtype=dtype) for v in vals)
+    return consts
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,8 +236,8 @@ class _FakeQuantize(torch.autograd.Function):
         cols = w.shape[1]
         wg = _grouped(w, group_size)
         w2 = wg.reshape(-1, wg.shape[-1])
-        inv, lo_h, lo, hi, step = _consts(master_bits, bits, w.device)
-        out, q, inside = _kernels(fused)[0](w2, s.reshape(-1, 1), inv.to(w.dtype), lo_h, lo, hi, step.to(w.dtype))
+        inv, lo_h, lo, hi, step = _consts(master_bits, bits, w.device, w.dtype)
+        out, q, inside = _kernels(fused)[0](w2, s.reshape(-1, 1), inv, lo_h, lo, hi, step)
         ctx.save_for_backward(w, s, q, inside, step)
         ctx.meta = (group_size, cols, scale_grad_mult, fused)
         return _ungrouped(out.view(wg.shape), cols)
@@ -245,7 +249,7 @@ class _FakeQuantize(torch.autograd.Function):
         gg = _grouped(grad, group_size)  # the padded tail of a short last group gets zero gradient
         g2 = gg.reshape(-1, gg.shape[-1])
         w2 = _grouped(w, group_size).reshape(g2.shape)
-        grad_w, grad_s = _kernels(fused)[1](g2, w2, s.reshape(-1), q, inside, step.to(grad.dtype))
+        grad_w, grad_s = _kernels(fused)[1](g2, w2, s.reshape(-1), q, inside, step)
         grad_s = grad_s.view(s.shape) if ctx.needs_input_grad[1] else None
         if grad_s is not None and mult != 1.0:
             grad_s = grad_s * mult

@@ -77,6 +77,8 @@ class MultiBitTrainer(Trainer):
         self._hasb_bits = [0.0, 0]
         self._scale_state: dict[int, dict] = {}
         self._in_checkpoint = False
+        self._params = None  # the parameter list each width's clip walks, taken once after accelerator.prepare
+        self._teacher_device = None
         for layer in self.layers.values():
             layer.fused = self.mb.fused
 
@@ -134,7 +136,9 @@ class MultiBitTrainer(Trainer):
         # the Trainer's own clip runs after training_step has stepped and zeroed every gradient (and logs 0), so
         # the norm that each width's update saw is recorded here (clipped at max_grad_norm when set)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
-        norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        if self._params is None:  # after accelerator.prepare (FSDP2 swaps in DTensor parameters); one module walk
+            self._params = list(model.parameters())
+        norm = self.accelerator.clip_grad_norm_(self._params, max_norm)
         if norm is not None:
             acc = self._grad_norm[bits]
             acc[0], acc[1] = acc[0] + norm.detach(), acc[1] + 1
@@ -180,7 +184,10 @@ class MultiBitTrainer(Trainer):
         temperature = self.mb.kd_temperature
         if self.teacher is not None and self.mb.kd != "none":
             with torch.no_grad():  # once per batch, shared by every bit-width (teacher softmax included)
-                target = kd_target(self.teacher.to(labels.device)(**inputs).logits[:, :-1], temperature)
+                if self._teacher_device != labels.device:  # the teacher is whole on every process (not sharded)
+                    self.teacher.to(labels.device)
+                    self._teacher_device = labels.device
+                target = kd_target(self.teacher(**inputs).logits[:, :-1], temperature)
         ga = self.args.gradient_accumulation_steps
         unwrapped = self.accelerator.unwrap_model(model)
         total = torch.zeros((), device=labels.device)
@@ -189,7 +196,8 @@ class MultiBitTrainer(Trainer):
             w = self.bit_weights[b]
             if w == 0:
                 continue
-            set_bits(unwrapped, b)
+            for layer in self.layers.values():  # every width was validated in __init__; set_bits (module walks,
+                layer.bits = b                  # config mirror) runs once at the end of the step
             if self.hasb is not None:
                 progress = self.state.global_step / max(self.state.max_steps, 1)
                 bit_map = self.hasb.step(progress, base_bits=b, key=(self.state.global_step, i))

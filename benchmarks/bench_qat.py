@@ -83,9 +83,16 @@ def apply_overrides(recipe: dict, sets) -> dict:
     return recipe
 
 
-def recipe_for(variant, steps, out, hasb_traces=None, init=None, sets=None):
-    r = copy.deepcopy(BASE)
-    r["multibit"].update(VARIANTS[variant])
+def recipe_for(variant, steps, out, hasb_traces=None, init=None, sets=None, recipe_file=None):
+    import yaml
+
+    if recipe_file:  # a shipped recipe (e.g. recipes/qat_smollm2_gpu.yaml) instead of BASE + variant
+        r = yaml.safe_load(Path(recipe_file).read_text())
+        for section in ("data", "multibit", "train", "quant"):
+            r[section] = r.get(section) or {}
+    else:
+        r = copy.deepcopy(BASE)
+        r["multibit"].update(VARIANTS[variant])
     if hasb_traces:  # mixed-precision supernet: HASB roulette on top of the variant
         r["multibit"].update(hasb=True, hasb_traces=str(hasb_traces))
     if init:  # the student starts from this switchable checkpoint; its quant config is the checkpoint's
@@ -100,8 +107,6 @@ def recipe_for(variant, steps, out, hasb_traces=None, init=None, sets=None):
 
     p = Path(out).with_suffix(".yaml")
     p.parent.mkdir(parents=True, exist_ok=True)
-    import yaml
-
     p.write_text(yaml.safe_dump(r))
     return load_recipe(p)
 
@@ -138,9 +143,10 @@ class ValCurve:
 def run_qat(args):
     from abs_llm.recipe import build_trainer, plot_losses
 
-    tag = args.tag or f"{args.variant}{'_hasb' if args.hasb_traces else ''}_{args.steps}"
+    name = Path(args.recipe).stem if args.recipe else args.variant
+    tag = args.tag or f"{name}{'_hasb' if args.hasb_traces else ''}_{args.steps}"
     out = f"{args.workdir}/{tag}"
-    recipe = recipe_for(args.variant, args.steps, out, args.hasb_traces, args.init, args.set)
+    recipe = recipe_for(args.variant, args.steps, out, args.hasb_traces, args.init, args.set, args.recipe)
     trainer = build_trainer(recipe)
     curve = None
     if args.eval_every:
@@ -159,7 +165,7 @@ def run_qat(args):
         res = eval_model(trainer.model, trainer.processing_class, args.split, args.max_chunks)
     losses = [e for e in trainer.state.log_history if "loss" in e]
     return {"train_s": round(train_s, 1), "s_per_step": round(train_s / args.steps, 2), **res,
-            "init": args.init, "set": args.set, "tag": tag, "curve": curve.points if curve else None,
+            "init": args.init, "set": args.set, "recipe": args.recipe, "tag": tag, "curve": curve.points if curve else None,
             "last_loss": {k: v for k, v in losses[-1].items() if k.startswith(("loss", "grad_norm"))} if losses else None,
             "checkpoint": out}
 
@@ -248,6 +254,7 @@ def main():
     p.add_argument("--bits", default="8,6,4,3,2")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--hasb-traces", default=None, help="qat: train a HASB supernet with these traces (JSON)")
+    p.add_argument("--recipe", default=None, help="qat: start from this recipe file instead of the built-in variants")
     p.add_argument("--init", default=None, help="qat: start from this switchable checkpoint (e.g. a GPTQ master)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="qat: override a recipe knob (data/multibit/train), YAML value; repeatable")

@@ -29,7 +29,7 @@ def test_recipe_validation(tmp_path):
 
 
 def test_shipped_recipes_validate(tmp_path):
-    for name in ("qat_smollm2_cpu.yaml", "qat_smollm2_h100.yaml"):
+    for name in ("qat_smollm2_cpu.yaml", "qat_smollm2_h100.yaml", "qat_smollm2_gpu.yaml"):
         r = load_recipe(ROOT / "recipes" / name, max_steps=1, output_dir=str(tmp_path / name))
         MultiBitConfig(**r["multibit"])
         TrainingArguments(output_dir=r["output_dir"], **r["train"])

@@ -215,7 +215,7 @@ def _consts(master_bits: int, bits: int, device, dtype) -> tuple[torch.Tensor, .
     return consts
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernels(fused: bool):
     """The forward/backward math, eager or through ``torch.compile`` (compiled lazily, once per process). Shapes
     start static and only the row count becomes dynamic when another layer shape arrives (torch's automatic dynamic

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -67,9 +68,16 @@ def mean_over_processes(accelerator, sums: dict) -> dict:
 def full_model_on_main(accelerator, model):
     """The trained model with every FSDP2 shard gathered: all processes take part; the main process gets a plain
     (unsharded, CPU) model of the same class with the full latent weights and scales, the others ``None``."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
     from torch.distributed.fsdp import FSDPModule
-    from transformers.initialization import no_init_weights
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # an older transformers: pay for a random init instead
+        no_init_weights = contextlib.nullcontext
 
     from .hf_quantizer import quantize
 

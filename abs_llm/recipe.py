@@ -194,11 +194,15 @@ def build_trainer(recipe: dict):
 def load_init(init, quant: dict):
     """The switchable checkpoint a recipe's student starts from (MultiBitTrainer turns its master into latent weights);
     a ``quant`` section that contradicts the checkpoint is refused instead of silently ignored."""
-    from .pipeline import load_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from .switching import switchable_layers
 
     if not Path(init, "config.json").is_file():
         raise ValueError(f"init {init} is not a checkpoint directory (no config.json); give a switchable checkpoint")
-    model, _ = load_checkpoint(init, tokenizer=False)
+    model = AutoModelForCausalLM.from_pretrained(init)
+    if not switchable_layers(model):
+        raise ValueError(f"init {init} is not a switchable (double_rounding) checkpoint")
     qc = model.config.quantization_config
     have = {"candidate_bits": list(qc.candidate_bits), "master_bits": qc.master_bits, "group_size": qc.group_size}
     bad = {k: v for k, v in quant.items() if k in have and (sorted(v) if k == "candidate_bits" else v) != (

@@ -12,12 +12,19 @@ scale LR of precision b" can only mean "the update that precision b's gradient c
   averaged mostly from the low bits' large scale gradients: the low bits then move the scales at the 8-bit rate.
   ``per_bit_scale_state=True`` gives each precision its own optimiser state for the scales, so precision b's update
   uses only its own gradients at its own rate (the weights keep one shared state: they train jointly on purpose).
-- ``step_per_bit=False`` (accumulate, one step per batch): a gradient hook multiplies bit b's contribution to each
-  scale gradient by ``eta_b`` before it is accumulated (and before DDP all-reduces it). For SGD that is exactly a
+- ``step_per_bit=False`` (accumulate, one step per batch): bit b's contribution to each scale gradient is multiplied
+  by ``eta_b`` inside the fake-quantize backward (``SwitchableLinear.scale_grad_mult``), before it is accumulated and
+  before DDP all-reduces / FSDP2 reduce-scatters it (a tensor hook on the scale parameter would not survive FSDP2,
+  which replaces the parameters). For SGD that is exactly a
   per-precision LR. For Adam the common factor is normalised away, so it acts as a *relative* weighting of the
   precisions on the scales (low bits, whose LSQ scale gradients carry a 2^d factor, no longer dominate them).
 
-Distillation: the float teacher's logits are computed once per batch (no grad) and shared by every bit-width.
+Distillation: the float teacher's logits and softmax are computed once per batch (no grad) and shared by every
+bit-width. The teacher stays whole (not sharded) on every process.
+
+Logs: ``loss_w<b>`` per width (averaged over processes); in step-per-bit mode ``grad_norm_w<b>``, the norm each
+width's step saw (before clipping), and their mean as ``grad_norm`` (the Trainer's own value would be 0: it reads the
+gradients after the last width's step zeroed them).
 """
 
 from __future__ import annotations
@@ -31,11 +38,18 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from . import distributed
 from .core import alrs_multiplier
 from .hasb import HASBSampler, attach_traces, load_traces
-from . import distributed
-from .multibit import (KD_MODES, MultiBitConfig, kd_kl, kd_kl_cached, kd_target, lm_loss,  # noqa: F401  (public here too)
-                       validate)
+from .multibit import (  # noqa: F401  (public here too)
+    KD_MODES,
+    MultiBitConfig,
+    kd_kl,
+    kd_kl_cached,
+    kd_target,
+    lm_loss,
+    validate,
+)
 from .switching import set_bits, switchable_layers
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ docs 0-224). The held-out split (docs 250-299) is only used with ``--split eval`
     python benchmarks/bench_qat.py ptq --split val
     python benchmarks/bench_qat.py qat --variant shipped --steps 12 --split val
     python benchmarks/bench_qat.py float_ft --steps 12 --split eval
-    python benchmarks/bench_qat.py cost --bits 8,6,4,3,2
+    python benchmarks/bench_qat.py cost [--reps 3] [--fused]
 Each run prints one JSON line and appends it to ``--out`` (default outputs/bench_qat/results.jsonl).
 
 Tuning harness (issue 16, "QAT that keeps improving"): start from a switchable checkpoint (``--init``: the GPTQ or RTN
@@ -199,48 +199,14 @@ def run_ptq(args):
 
 
 def run_cost(args):
-    """Seconds per optimisation step, same process, same batch: n float steps vs one joint n-bit step."""
-    from abs_llm.data import load_default_model
-    from abs_llm.recipe import load_texts, pack_blocks
-    from abs_llm.training import lm_loss
+    """Joint n-bit step vs n float steps on the default model at the CPU recipe's batch (2 x 256), with the teacher:
+    ``bench_qat_step.py --model default`` (that script's docstring says what is timed)."""
+    import bench_qat_step
 
-    bits = [int(b) for b in args.bits.split(",")]
-    model, tok = load_default_model()
-    ds = pack_blocks(tok, load_texts(BASE["data"]), 256)
-    batch = {k: torch.tensor(v) for k, v in ds[:2].items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-    def float_step():
-        model.train()
-        loss = lm_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    res = {"bits": bits}
-    for kd in ("teacher", "none"):
-        r = recipe_for("accum", 1, f"{args.workdir}/cost")
-        r["multibit"].update(kd=kd, bits=bits)
-        from abs_llm.recipe import build_trainer
-
-        tr = build_trainer(r)
-        tr.create_optimizer_and_scheduler(1)
-
-        def joint_step():
-            tr.training_step(tr.model, dict(batch))
-            tr.optimizer.step()
-            tr.optimizer.zero_grad(set_to_none=True)
-
-        for name, fn in ((f"joint_kd_{kd}", joint_step), (f"float_{kd}", float_step)):  # interleaved: CPU is shared
-            fn()  # warm-up
-            ts = []
-            for _ in range(args.reps):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            res[name] = min(ts)
-        res[f"ratio_kd_{kd}"] = res[f"joint_kd_{kd}"] / (len(bits) * res[f"float_{kd}"])
-        del tr
+    ns = argparse.Namespace(model="default", layers=0, batch=2, seq=256, repeats=args.reps, kd=True, fused=args.fused,
+                            tf32=True, smoke=False, workdir=args.workdir)
+    res = bench_qat_step.run(ns)
+    print(res.pop("table"))
     return res
 
 
@@ -251,8 +217,8 @@ def main():
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--split", default="val", choices=["val", "eval", "both"])
     p.add_argument("--max-chunks", type=int, default=None)
-    p.add_argument("--bits", default="8,6,4,3,2")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--fused", action="store_true", help="cost: also time the torch.compile'd fake quantization")
     p.add_argument("--hasb-traces", default=None, help="qat: train a HASB supernet with these traces (JSON)")
     p.add_argument("--recipe", default=None, help="qat: start from this recipe file instead of the built-in variants")
     p.add_argument("--init", default=None, help="qat: start from this switchable checkpoint (e.g. a GPTQ master)")

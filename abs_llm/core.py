@@ -217,12 +217,18 @@ def _consts(master_bits: int, bits: int, device, dtype) -> tuple[torch.Tensor, .
 
 @functools.cache
 def _kernels(fused: bool):
-    """The forward/backward math, eager or through ``torch.compile`` (compiled lazily, once per process). Shapes
-    start static and only the row count becomes dynamic when another layer shape arrives (torch's automatic dynamic
-    shapes): the group length stays static, which CPU code generation needs to vectorise."""
+    """The forward/backward math, eager or through ``torch.compile`` (compiled lazily, once per process)."""
     if not fused:
         return _fq_forward, _fq_backward
     return torch.compile(_fq_forward, fullgraph=True), torch.compile(_fq_backward, fullgraph=True)
+
+
+def _rows_dynamic(fused: bool, *tensors) -> None:
+    """One compiled graph for every layer shape: the row count (``out * n_groups``) is dynamic from the first call,
+    the group length stays static (CPU code generation needs it static to vectorise)."""
+    if fused:
+        for t in tensors:
+            torch._dynamo.mark_dynamic(t, 0)
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -237,7 +243,9 @@ class _FakeQuantize(torch.autograd.Function):
         wg = _grouped(w, group_size)
         w2 = wg.reshape(-1, wg.shape[-1])
         inv, lo_h, lo, hi, step = _consts(master_bits, bits, w.device, w.dtype)
-        out, q, inside = _kernels(fused)[0](w2, s.reshape(-1, 1), inv, lo_h, lo, hi, step)
+        s2 = s.reshape(-1, 1)
+        _rows_dynamic(fused, w2, s2)
+        out, q, inside = _kernels(fused)[0](w2, s2, inv, lo_h, lo, hi, step)
         ctx.save_for_backward(w, s, q, inside, step)
         ctx.meta = (group_size, cols, scale_grad_mult, fused)
         return _ungrouped(out.view(wg.shape), cols)
@@ -249,7 +257,9 @@ class _FakeQuantize(torch.autograd.Function):
         gg = _grouped(grad, group_size)  # the padded tail of a short last group gets zero gradient
         g2 = gg.reshape(-1, gg.shape[-1])
         w2 = _grouped(w, group_size).reshape(g2.shape)
-        grad_w, grad_s = _kernels(fused)[1](g2, w2, s.reshape(-1), q, inside, step)
+        s1 = s.reshape(-1)
+        _rows_dynamic(fused, g2, w2, s1, q, inside)
+        grad_w, grad_s = _kernels(fused)[1](g2, w2, s1, q, inside, step)
         grad_s = grad_s.view(s.shape) if ctx.needs_input_grad[1] else None
         if grad_s is not None and mult != 1.0:
             grad_s = grad_s * mult

@@ -1,0 +1,194 @@
+"""The ``triton`` kernel: packs a width on the device and runs the GEMV (1 row) or GEMM (2+ rows) kernel.
+
+- Switching costs one Triton pass over the master per plane (:func:`.triton_pack.pack_planes_triton`); at 8 bits
+  nothing is packed (the kernels read the int8 master: zero copy), and the scales are never copied (the kernels read
+  the master's fp32 scales and apply ``2^d`` themselves). Resident bytes: master + ``bits/8`` per weight.
+- Configs are chosen by measurement, once per (path, rows bucket, shape, layout, dtype), among a few candidates that
+  also differ in split-K (which changes the buffers, hence a small tuner of our own instead of ``triton.autotune``).
+  Nothing is timed while a CUDA graph is being captured or under the interpreter: the first candidate runs.
+- Each (width, scales, dtype, shape) is checked once per process against the dequantized reference for 1, 5 and 40
+  rows (both kernels, two GEMM tiles); a mismatch raises, so :func:`.dispatch.pack_checked` falls back to ``dequant``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from .common import Packed, say_once
+from .layouts import SEG, Layout, pack_planes
+from .triton_base import available, interpreting, triton
+from .triton_gemm import _gemm_kernel
+from .triton_gemv import _gemv_kernel, _reduce_kernel
+from .triton_pack import pack_planes_triton
+
+GEMV_CONFIGS = ((64, 16, 4), (32, 32, 2))  # (BN, segments per loop iteration, num_warps)
+GEMM_CONFIGS = ((64, 8, 4), (128, 8, 4))
+TUNED: dict = {}  # key -> (config, split)
+CHECKED: dict = {}  # (bits, master_bits, group_size, dtype, n, k, device type) -> None (passed) or error text
+FORCE: dict = {}  # tests: {"gemv": (cfg, split), "gemm": (cfg, split)} bypasses the tuner
+
+
+def requirements(out_f, in_f, bits, group_size, dtype, device) -> str | None:
+    if not available():
+        return "triton is not installed"
+    if device.type != "cuda" and not (interpreting() and device.type == "cpu"):
+        return f"the triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU), got {device.type}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"the triton kernel supports bfloat16/float16 activations, got {dtype}"
+    if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8:
+        return "bfloat16 tensor-core dots need sm80+"
+    if group_size is not None and group_size % SEG:
+        return f"group_size {group_size} is not a multiple of {SEG}"
+    if bits < 2:
+        return f"the triton kernel runs 2..8 bits, asked for {bits}"
+    return None
+
+
+def _rows_bucket(m: int) -> int:
+    return 1 if m == 1 else 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+class TritonLinear:
+    """Callable ``(x, bias) -> x @ W_l^T + bias`` over the packed planes (or the master at 8 bits)."""
+
+    def __init__(self, q_master, scale, master_bits, bits, group_size):
+        self.n, self.k = q_master.shape
+        self.master_bits, self.bits, self.group_size = master_bits, bits, group_size
+        self.scale = scale.float().contiguous()
+        self.device = q_master.device
+        master = bits == master_bits == 8
+        if master:
+            seg = 32 if group_size is None or group_size % 32 == 0 else 16
+            self.lanes, self.nblk, widths, shifts = 128 // seg, math.ceil(self.k / 128), (), ()
+            self.master, self.planes = q_master.contiguous(), ()
+        else:
+            seg, lay = SEG, Layout(bits, self.n, self.k)
+            self.lanes, self.nblk, widths, shifts = lay.lanes, lay.nblocks, lay.widths, lay.shifts
+            self.planes = _pack(q_master, master_bits, bits)
+            self.master = self.planes[0]  # unused by the kernels at this width; any int pointer will do
+        w = tuple(widths) + (0,) * (3 - len(widths))
+        sh = tuple(shifts) + (0,) * (3 - len(shifts))
+        self.consts = dict(MASTER=master, BITS=bits, D=master_bits - bits, W0=w[0], W1=w[1], W2=w[2], SH0=sh[0],
+                           SH1=sh[1], SH2=sh[2], L=self.lanes, SEG_=seg, PER_GROUP=group_size is not None)
+        p = self.planes + (self.master,) * (3 - len(self.planes))
+        self.ptrs = (self.master, self.scale, p[0], p[1], p[2])
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.planes)
+        self.sig = (bits, master_bits, group_size, self.n, self.k)
+        self.dummy = torch.empty(1, dtype=torch.float32, device=self.device)
+
+    # ---- launching ----------------------------------------------------------------------------------------------
+    def _split_plan(self, split, nb):
+        bps = math.ceil(math.ceil(self.nblk / split) / nb) * nb
+        return bps, math.ceil(self.nblk / bps)
+
+    def launch(self, x2, y, path, cfg, split):
+        m = x2.shape[0]
+        bn, seg_per_iter, warps = cfg
+        nb = max(1, seg_per_iter // self.lanes)
+        bps, split = self._split_plan(split, nb)
+        part = torch.empty(split, m, self.n, dtype=torch.float32, device=x2.device) if split > 1 else self.dummy
+        ng, g = self.scale.shape[1], self.group_size or self.k
+        if path == "gemv":
+            grid = (triton.cdiv(self.n, bn), split)
+            _gemv_kernel[grid](x2, y, part, *self.ptrs, self.n, self.k, ng, g, self.nblk, bps, split, **self.consts,
+                               BN=bn, NB=nb, num_warps=warps)
+        else:
+            bm = _rows_bucket(m)
+            grid = (triton.cdiv(self.n, bn), split, triton.cdiv(m, bm))
+            _gemm_kernel[grid](x2, y, part, *self.ptrs, m, self.n, self.k, x2.stride(0), ng, g, self.nblk, bps,
+                               split, **self.consts, BM=bm, BN=bn, NB=nb, num_warps=warps)
+        if split > 1:
+            _reduce_kernel[(triton.cdiv(m * self.n, 1024),)](part, y, m * self.n, split, BLOCK=1024, num_warps=4)
+
+    def candidates(self, path, m):
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 4
+        out = []
+        for cfg in GEMV_CONFIGS if path == "gemv" else GEMM_CONFIGS:
+            programs = triton.cdiv(self.n, cfg[0]) * (1 if path == "gemv" else triton.cdiv(m, _rows_bucket(m)))
+            split = min(self.nblk, max(1, math.ceil(3 * sms / programs)))
+            out += [(cfg, split)] + ([(cfg, 1)] if split > 1 else [])
+        return out
+
+    def choose(self, x2, y, path):
+        m = x2.shape[0]
+        if path in FORCE:
+            return FORCE[path]
+        key = (path, _rows_bucket(m), x2.dtype, self.device, self.lanes) + self.sig
+        best = TUNED.get(key)
+        if best is not None:
+            return best
+        cands = self.candidates(path, m)
+        if interpreting() or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return cands[0]
+        from triton.testing import do_bench
+
+        timed = []
+        for cfg, split in cands:
+            try:
+                self.launch(x2, y, path, cfg, split)
+                timed.append((do_bench(lambda: self.launch(x2, y, path, cfg, split), warmup=2, rep=8), cfg, split))
+            except Exception as e:  # a config that does not compile or run (e.g. out of shared memory) is skipped
+                say_once(f"abs_llm kernels: triton config {path} {cfg} split {split} failed: {e}", logging.DEBUG)
+        if not timed:
+            raise RuntimeError(f"no triton {path} config ran for {self.sig}")
+        best = min(timed, key=lambda r: r[0])[1:]
+        TUNED[key] = best
+        return best
+
+    def __call__(self, x, bias):
+        shape = x.shape
+        x2 = x.reshape(-1, self.k)
+        if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != self.k):
+            x2 = x2.contiguous()
+        m = x2.shape[0]
+        y = torch.empty(m, self.n, dtype=x.dtype, device=x.device)
+        if m:
+            path = "gemv" if m == 1 else "gemm"
+            self.launch(x2, y, path, *self.choose(x2, y, path))
+        y = y.view(*shape[:-1], self.n)
+        return y if bias is None else y + bias.to(y.dtype)
+
+
+def _pack(q_master, master_bits, bits):
+    try:
+        return pack_planes_triton(q_master, master_bits, bits)
+    except Exception as e:  # the torch packer makes the same words (several passes, still on the device)
+        say_once(f"abs_llm kernels: triton pack kernel failed ({e}); packing with torch ops", logging.WARNING)
+        return pack_planes(q_master, master_bits, bits)
+
+
+def self_check(lin: TritonLinear, q_master, dtype) -> None:
+    """Compare with the dequantized reference once per (width, scales, dtype, shape); raise on a mismatch."""
+    key = lin.sig + (dtype, lin.device.type)
+    if key not in CHECKED:
+        try:
+            CHECKED[key] = _compare(lin, q_master, dtype)
+        except Exception as e:
+            CHECKED[key] = f"{type(e).__name__}: {e}"
+    if CHECKED[key]:
+        raise RuntimeError(f"self-check against dequant failed ({CHECKED[key]})")
+
+
+def _compare(lin, q_master, dtype) -> str | None:
+    from .. import core
+
+    w = core.derived_weight(q_master, lin.scale, lin.master_bits, lin.bits, lin.group_size, torch.float32)
+    gen = torch.Generator(device=lin.device).manual_seed(0)
+    errs = []
+    for m in (1, 5, 40):
+        x = torch.randn(m, lin.k, generator=gen, device=lin.device).to(dtype)
+        ref = x.float() @ w.T
+        err = float((lin(x, None).float() - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
+        if not math.isfinite(err) or err > 2e-2:
+            errs.append(f"{m} rows: max error {err:.3g} of max|y|")
+    return "; ".join(errs) or None
+
+
+def pack_triton(q_master, scale, master_bits, bits, group_size, dtype, device) -> Packed:
+    q = q_master.to(device)
+    lin = TritonLinear(q, scale.to(device), master_bits, bits, group_size)
+    self_check(lin, q, dtype)
+    return Packed("triton", bits, lin, lin.planes, lin.nbytes)

@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+
+import torch
 
 try:
     import triton
@@ -27,7 +28,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@lru_cache(maxsize=None)
 def available() -> bool:
     """Triton importable (and the interpreter patched when it is in use)."""
     if triton is None:
@@ -64,3 +64,21 @@ def _patch_interpreter() -> None:
     it._patch_lang_tensor = patch_tensor
     builder.create_dot = create_dot
     it._abs_llm_patched = True
+
+
+def requirements(out_f, in_f, bits, group_size, dtype, device) -> str | None:
+    from .layouts import SEG
+
+    if not available():
+        return "triton is not installed"
+    if device.type != "cuda" and not (interpreting() and device.type == "cpu"):
+        return f"the triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU), got {device.type}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"the triton kernel supports bfloat16/float16 activations, got {dtype}"
+    if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8:
+        return "bfloat16 tensor-core dots need sm80+"
+    if group_size is not None and group_size % SEG:
+        return f"group_size {group_size} is not a multiple of {SEG}"
+    if bits < 2:
+        return f"the triton kernel runs 2..8 bits, asked for {bits}"
+    return None

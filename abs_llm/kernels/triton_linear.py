@@ -19,36 +19,24 @@ import torch
 
 from .common import Packed, say_once
 from .layouts import SEG, Layout, pack_planes
-from .triton_base import available, interpreting, triton
+from .triton_base import interpreting, triton
 from .triton_gemm import _gemm_kernel
 from .triton_gemv import _gemv_kernel, _reduce_kernel
 from .triton_pack import pack_planes_triton
 
-GEMV_CONFIGS = ((64, 16, 4), (32, 32, 2))  # (BN, segments per loop iteration, num_warps)
-GEMM_CONFIGS = ((64, 8, 4), (128, 8, 4))
+# (BN, segments per loop iteration, num_warps); few on purpose: each is one more compile per width, scale kind and
+# dtype (every compile costs ~1 s), and the split-K candidates that double them are free (runtime argument).
+GEMV_CONFIGS = ((64, 16, 4), (32, 32, 2))
+GEMM_CONFIGS = ((64, 8, 4),)
+TUNE = True  # False: take the first candidate untimed (the GPU self-test does, to compile less)
 TUNED: dict = {}  # key -> (config, split)
 CHECKED: dict = {}  # (bits, master_bits, group_size, dtype, n, k, device type) -> None (passed) or error text
 FORCE: dict = {}  # tests: {"gemv": (cfg, split), "gemm": (cfg, split)} bypasses the tuner
 
 
-def requirements(out_f, in_f, bits, group_size, dtype, device) -> str | None:
-    if not available():
-        return "triton is not installed"
-    if device.type != "cuda" and not (interpreting() and device.type == "cpu"):
-        return f"the triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU), got {device.type}"
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"the triton kernel supports bfloat16/float16 activations, got {dtype}"
-    if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8:
-        return "bfloat16 tensor-core dots need sm80+"
-    if group_size is not None and group_size % SEG:
-        return f"group_size {group_size} is not a multiple of {SEG}"
-    if bits < 2:
-        return f"the triton kernel runs 2..8 bits, asked for {bits}"
-    return None
-
-
 def _rows_bucket(m: int) -> int:
-    return 1 if m == 1 else 16 if m <= 16 else 32 if m <= 32 else 64
+    """GEMM tile rows (BM). Two buckets only: each is a separate compile."""
+    return 1 if m == 1 else 16 if m <= 16 else 64
 
 
 class TritonLinear:
@@ -94,12 +82,12 @@ class TritonLinear:
         if path == "gemv":
             grid = (triton.cdiv(self.n, bn), split)
             _gemv_kernel[grid](x2, y, part, *self.ptrs, self.n, self.k, ng, g, self.nblk, bps, split, **self.consts,
-                               BN=bn, NB=nb, num_warps=warps)
+                               BN=bn, NB=nb, num_warps=warps, num_stages=2)
         else:
             bm = _rows_bucket(m)
             grid = (triton.cdiv(self.n, bn), split, triton.cdiv(m, bm))
             _gemm_kernel[grid](x2, y, part, *self.ptrs, m, self.n, self.k, x2.stride(0), ng, g, self.nblk, bps,
-                               split, **self.consts, BM=bm, BN=bn, NB=nb, num_warps=warps)
+                               split, **self.consts, BM=bm, BN=bn, NB=nb, num_warps=warps, num_stages=2)
         if split > 1:
             _reduce_kernel[(triton.cdiv(m * self.n, 1024),)](part, y, m * self.n, split, BLOCK=1024, num_warps=4)
 
@@ -121,7 +109,7 @@ class TritonLinear:
         if best is not None:
             return best
         cands = self.candidates(path, m)
-        if interpreting() or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if not TUNE or interpreting() or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return cands[0]
         from triton.testing import do_bench
 

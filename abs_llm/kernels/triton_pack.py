@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from .layouts import SEG, Layout, pack_planes
-from .triton_base import tl, triton
+from .triton_base import available, tl, triton
 
+available()  # under TRITON_INTERPRET=1, patch the interpreter before any kernel runs
 MAGIC = 0x4B000000  # float32 bits of 2^23: OR-ing u < 2^23 into the mantissa gives the float 2^23 + u exactly
 
 

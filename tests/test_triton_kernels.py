@@ -110,6 +110,16 @@ def test_split_k_tiles_and_row_buckets(bits):
         run(q, s, bits, 128, torch.float16, m, force={"gemm": (triton_linear.GEMM_CONFIGS[0], split)})
 
 
+def test_many_rows_use_a_transient_dense_weight(monkeypatch):
+    monkeypatch.setattr(triton_linear, "DENSE_ROWS", 4)
+    for bits, g in ((8, None), (4, 64), (3, 64)):
+        q, s = master(32, 160, g)
+        run(q, s, bits, g, torch.float16, 6)
+        lin = triton_linear.TritonLinear(q, s, 8, bits, g)
+        ref = core.derived_weight(q, s, 8, bits, g).to(torch.float16)
+        assert torch.equal(lin.dense(torch.float16), ref)
+
+
 def test_four_bit_master_and_group_16():
     q, s = master(32, 96, 16, master_bits=4)
     for bits in (4, 3, 2):

@@ -63,3 +63,37 @@ def _gemm_kernel(x_ptr, y_ptr, part_ptr, m_ptr, s_ptr, p0, p1, p2, M, N, K, stri
         tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=omask)
     else:
         tl.store(part_ptr + pid_k.to(tl.int64) * M * N + out, acc, mask=omask)
+
+
+@triton.jit(do_not_specialize=["NBLK"])
+def _dequant_kernel(w_ptr, m_ptr, s_ptr, p0, p1, p2, N, K, NG, G, NBLK,
+                    MASTER: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr,
+                    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+                    SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
+                    L: tl.constexpr, SEG_: tl.constexpr, PER_GROUP: tl.constexpr, BN: tl.constexpr):
+    """``W_l`` in the activation dtype, one block of ``L * SEG`` columns per program: for many rows (prefill) a
+    dense matmul on a transient dequantized weight beats unpacking every weight tile once per row tile."""
+    pid_n = tl.program_id(0)
+    blk = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    rows = offs_n.to(tl.int64)
+    t = tl.arange(0, SEG_)
+    wmask = nmask[:, None]
+    w0 = tl.zeros((BN, SEG_), tl.int32)
+    w1 = w0
+    w2 = w0
+    if not PER_GROUP:
+        sc_row = tl.load(s_ptr + rows * NG, mask=nmask, other=0.0)
+    for s in tl.static_range(L):
+        k = blk * (L * SEG_) + s * SEG_ + t
+        kmask = k < K
+        wf, w0, w1, w2 = _segment(m_ptr, p0, p1, p2, w0, w1, w2, rows, K, NBLK, blk, s, t, k, wmask, kmask,
+                                  MASTER, BITS, W0, W1, W2, SH0, SH1, SH2, L, SEG_)
+        if PER_GROUP:
+            k0 = blk * (L * SEG_) + s * SEG_
+            sc = tl.load(s_ptr + rows * NG + k0 // G, mask=nmask & (k0 < K), other=0.0)
+        else:
+            sc = sc_row
+        wf = wf * (sc * (1 << D))[:, None]
+        tl.store(w_ptr + rows[:, None] * K + k[None, :], wf.to(w_ptr.dtype.element_ty), mask=wmask & kmask[None, :])

@@ -20,7 +20,7 @@ import torch
 from .common import Packed, say_once
 from .layouts import SEG, Layout, pack_planes
 from .triton_base import interpreting, triton
-from .triton_gemm import _gemm_kernel
+from .triton_gemm import _dequant_kernel, _gemm_kernel
 from .triton_gemv import _gemv_kernel, _reduce_kernel
 from .triton_pack import pack_planes_triton
 
@@ -28,6 +28,7 @@ from .triton_pack import pack_planes_triton
 # dtype (every compile costs ~1 s), and the split-K candidates that double them are free (runtime argument).
 GEMV_CONFIGS = ((64, 16, 4), (32, 32, 2))
 GEMM_CONFIGS = ((64, 8, 4),)
+DENSE_ROWS = 1024  # above this many rows: transient dequantized weight + F.linear (compute-bound, cuBLAS wins)
 TUNE = True  # False: take the first candidate untimed (the GPU self-test does, to compile less)
 TUNED: dict = {}  # key -> (config, split)
 CHECKED: dict = {}  # (bits, master_bits, group_size, dtype, n, k, device type) -> None (passed) or error text
@@ -91,6 +92,14 @@ class TritonLinear:
         if split > 1:
             _reduce_kernel[(triton.cdiv(m * self.n, 1024),)](part, y, m * self.n, split, BLOCK=1024, num_warps=4)
 
+    def dense(self, dtype) -> torch.Tensor:
+        """``W_l`` in ``dtype`` (transient: not cached, so no float copy stays resident)."""
+        w = torch.empty(self.n, self.k, dtype=dtype, device=self.device)
+        ng, g = self.scale.shape[1], self.group_size or self.k
+        _dequant_kernel[(triton.cdiv(self.n, 32), self.nblk)](w, *self.ptrs, self.n, self.k, ng, g, self.nblk,
+                                                               **self.consts, BN=32, num_warps=4)
+        return w
+
     def candidates(self, path, m):
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 4
         out = []
@@ -132,10 +141,13 @@ class TritonLinear:
         if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != self.k):
             x2 = x2.contiguous()
         m = x2.shape[0]
-        y = torch.empty(m, self.n, dtype=x.dtype, device=x.device)
-        if m:
-            path = "gemv" if m == 1 else "gemm"
-            self.launch(x2, y, path, *self.choose(x2, y, path))
+        if m > DENSE_ROWS:
+            y = torch.nn.functional.linear(x2, self.dense(x.dtype))
+        else:
+            y = torch.empty(m, self.n, dtype=x.dtype, device=x.device)
+            if m:
+                path = "gemv" if m == 1 else "gemm"
+                self.launch(x2, y, path, *self.choose(x2, y, path))
         y = y.view(*shape[:-1], self.n)
         return y if bias is None else y + bias.to(y.dtype)
 

@@ -52,11 +52,11 @@ def lookup(q_master: torch.Tensor, master_bits: int, bits: int, part: str, dtype
     the master on CPU, the integer ops ~6.)"""
     from .layouts import derive_int
 
-    q = derive_int(q_master, master_bits, bits)
+    q = derive_int(q_master, master_bits, bits, scaled=part == "int8")
     if q.data_ptr() == q_master.data_ptr():  # d == 0 returns the master itself; the ops below work in place
         q = q.clone()
     if part == "int8":
-        res = q.bitwise_left_shift_(master_bits - bits) if master_bits > bits else q
+        res = q
     elif part == "nib":
         res = q.add_(8)
     elif part == "hi":
@@ -66,5 +66,5 @@ def lookup(q_master: torch.Tensor, master_bits: int, bits: int, part: str, dtype
     else:
         raise ValueError(f"unknown lookup part {part!r}")
     if out is not None:
-        return out.copy_(res)
-    return res.to(dtype)
+        return out.copy_(res.view(out.dtype) if out.dtype == torch.uint8 else res)
+    return res.view(torch.uint8) if dtype == torch.uint8 else res.to(dtype)  # nib/hi/lo are >= 0: a view is exact

@@ -72,13 +72,13 @@ class Layout:
         return sum(self.out_features * self.row_words(w) * 4 for w in self.widths)
 
 
-def derive_int(q_master: torch.Tensor, master_bits: int, bits: int) -> torch.Tensor:
+def derive_int(q_master: torch.Tensor, master_bits: int, bits: int, scaled: bool = False) -> torch.Tensor:
     """:func:`abs_llm.core.derive` in integer arithmetic on int8 (no float pass, no comparison, no lookup): round half
     to even of ``q / 2^d`` is ``(q + 2^(d-1) - 1 + p) >> d`` with ``p = (q >> d) & 1`` the parity of the floor
     (``>>`` is a floor). Clamping ``q`` first to ``C = (2^(l-1) - 1) * 2^d`` (which maps to the top value ``2^(l-1) -
     1`` exactly, and every larger ``q`` maps there too) keeps every intermediate inside int8 and makes the result's own
-    clamp unnecessary; the bottom cannot leave the range (``-128 >> d`` is the bottom value). Six int8 passes. At
-    ``d == 0`` the int8 master itself is returned (no copy)."""
+    clamp unnecessary; the bottom cannot leave the range (``-128 >> d`` is the bottom value). Six int8 passes.
+    ``scaled``: return ``q_l * 2^d`` (the last shift becomes a mask). At ``d == 0`` the master itself is returned."""
     d = master_bits - bits
     if d < 0 or bits < 1 or d > 6:
         raise ValueError(f"cannot derive {bits} bits from a {master_bits}-bit master")
@@ -86,8 +86,8 @@ def derive_int(q_master: torch.Tensor, master_bits: int, bits: int) -> torch.Ten
     if d == 0:
         return q
     q = q.clamp_max((2 ** (bits - 1) - 1) * 2**d)
-    p = (q >> d).bitwise_and_(1).add_(2 ** (d - 1) - 1)
-    return p.add_(q).bitwise_right_shift_(d)
+    p = (q >> d).bitwise_and_(1).add_(2 ** (d - 1) - 1).add_(q)
+    return p.bitwise_and_(-(2**d)) if scaled else p.bitwise_right_shift_(d)
 
 
 def _to_int32(v: torch.Tensor) -> torch.Tensor:

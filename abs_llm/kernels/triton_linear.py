@@ -67,6 +67,7 @@ class TritonLinear:
         self.nbytes = sum(t.numel() * t.element_size() for t in self.planes)
         self.sig = (bits, master_bits, group_size, self.n, self.k)
         self.dummy = torch.empty(1, dtype=torch.float32, device=self.device)
+        self.chosen: dict = {}
 
     # ---- launching ----------------------------------------------------------------------------------------------
     def _split_plan(self, split, nb):
@@ -113,9 +114,14 @@ class TritonLinear:
         m = x2.shape[0]
         if path in FORCE:
             return FORCE[path]
-        key = (path, _rows_bucket(m), x2.dtype, self.device, self.lanes) + self.sig
+        mine = (path, _rows_bucket(m), x2.dtype)
+        best = self.chosen.get(mine)  # per-layer memo: a decode step must not rebuild and hash the global key
+        if best is not None:
+            return best
+        key = mine + (self.device, self.lanes) + self.sig
         best = TUNED.get(key)
         if best is not None:
+            self.chosen[mine] = best
             return best
         cands = self.candidates(path, m)
         if not TUNE or interpreting() or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
@@ -132,7 +138,7 @@ class TritonLinear:
         if not timed:
             raise RuntimeError(f"no triton {path} config ran for {self.sig}")
         best = min(timed, key=lambda r: r[0])[1:]
-        TUNED[key] = best
+        TUNED[key] = self.chosen[mine] = best
         return best
 
     def __call__(self, x, bias):

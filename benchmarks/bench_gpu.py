@@ -140,6 +140,40 @@ def summary_table(results) -> str:
     return "\n".join(out)
 
 
+TARGET_M1 = {8: 1.8, 6: 2.1, 4: 3.0, 3: 3.6, 2: 4.5}  # issue 12, M=1 on 14336x4096 and 4096x14336
+
+
+def targets(results) -> list[str]:
+    """The issue's targets against what this run measured (worst case over the two big shapes and both scales)."""
+    big = [r for r in results["layers"] if tuple(r["shape"]) in ((14336, 4096), (4096, 14336))]
+    out = []
+    for bits, goal in TARGET_M1.items():
+        m1 = [r["speedup"] for r in big if r["bits"] == bits and r["M"] == 1]
+        if m1:
+            out.append(f"w{bits} M=1 >= {goal}x: worst {min(m1):.2f}x ({'met' if min(m1) >= goal else 'NOT met'})")
+    m16 = [r["speedup"] for r in big if r["M"] == 16]
+    if m16:
+        out.append(f"M=16 >= 1.0x at every width: worst {min(m16):.2f}x ({'met' if min(m16) >= 1 else 'NOT met'})")
+    res = [r["resident_bytes_per_weight"] for r in results["layers"]]
+    if res:
+        out.append(f"resident bytes/weight < 2 (bf16): worst {max(res):.3f} ({'met' if max(res) < 2 else 'NOT met'})")
+    errs = [r["rel_err"] for r in results["layers"]]
+    if errs:
+        out.append(f"rel. error <= 5e-3: worst {max(errs):.1e} ({'met' if max(errs) <= 5e-3 else 'NOT met'})")
+    sw = results.get("switch", {})
+    cold = [v["cold_vs_memcpy"] for v in sw.values() if isinstance(v, dict)]
+    pp = [v["ping_pong_vs_memcpy"] for v in sw.values() if isinstance(v, dict)]
+    if cold:
+        out.append(f"switch <= 3x device memcpy: worst {max(cold):.2f}x ({'met' if max(cold) <= 3 else 'NOT met'}); "
+                   f"ping-pong <= 0.1x: worst {max(pp):.3f}x ({'met' if max(pp) <= 0.1 else 'NOT met'})")
+    for name, goal in (("w4", 2.2), ("w8", 1.6)):
+        r = next((r for r in results.get("model", []) if r["setting"] == name and "forward_vs_bf16" in r), None)
+        if r:
+            out.append(f"one-token forward {name} >= {goal}x: {r['forward_vs_bf16']:.2f}x ({r['timing']}; "
+                       f"{'met' if r['forward_vs_bf16'] >= goal else 'NOT met'})")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="outputs/bench_gpu.json")
@@ -189,6 +223,9 @@ def main():
     print(f"\n## {results['device']}: per-layer kernels vs bf16 F.linear (median of CUDA-graph replays, same run); "
           f"copy bandwidth {bw / 1e9:.0f} GB/s\n")
     print(summary_table(results))
+    results["targets"] = targets(results)
+    Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    print("\nTargets (issue 12): " + "; ".join(results["targets"]))
     for line in results.get("summary", []):
         print(line)
 

@@ -2,7 +2,7 @@
 
 SmolLM2-135M-Instruct (embedded default), bf16 activations, per-channel and group 64. "cold": the target width is not
 cached, so ``set_bits`` derives and packs every layer; "memcpy": ``clone()`` of every INT8 master (as in
-bench_speed.py). Both derivations run in the same process, round-robin over the repeats (the machine is shared);
+bench_speed.py; the copy into preallocated buffers, without page faults, is reported too). Both derivations run in the same process, round-robin over the repeats (the machine is shared);
 "table" is the 256-entry gather with an int32 index that ``kernels.common.lookup`` used before (kept here to compare).
 
 Usage: python benchmarks/bench_switch_cpu.py [--repeats 5] [--threads N] [--out benchmarks/results/switch_cpu.json]
@@ -77,12 +77,17 @@ def main():
             model(ids)  # layers learn their activation dtype (bf16): set_bits packs eagerly
         layers = list(switchable_layers(model).values())
         masters = [m.weight_master for m in layers]
-        raw = {"memcpy": [], **{f"{v} {s}->{d}": [] for v in ("integer", "table") for s, d in PAIRS}}
+        dsts = [torch.empty_like(m) for m in masters]
+        raw = {"memcpy": [], "copy_into": [], **{f"{v} {s}->{d}": [] for v in ("integer", "table") for s, d in PAIRS}}
         with torch.inference_mode():
             for _ in range(args.repeats):
                 t = time.perf_counter()
                 [m.clone() for m in masters]
                 raw["memcpy"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                for a, b in zip(masters, dsts):
+                    b.copy_(a)
+                raw["copy_into"].append(time.perf_counter() - t)
                 for variant, fn in (("integer", common.lookup), ("table", table_lookup)):
                     cpu.lookup = fn
                     for s, d in PAIRS:
@@ -92,8 +97,9 @@ def main():
         key = f"group{g or 'none'}"
         res[key] = {"layers": len(layers), "master_MB": sum(m.numel() for m in masters) / 1e6,
                     "seconds": med, "vs_memcpy": {k: v / med["memcpy"] for k, v in med.items()}}
-        print(f"\n{key}: {len(layers)} layers, memcpy of masters {med['memcpy'] * 1e3:.1f} ms (median of "
-              f"{args.repeats})\n| switch | integer ms | x memcpy | table ms | x memcpy |\n|---|---:|---:|---:|---:|")
+        print(f"\n{key}: {len(layers)} layers, memcpy of masters {med['memcpy'] * 1e3:.1f} ms (clone; "
+              f"{med['copy_into'] * 1e3:.1f} ms into preallocated buffers), median of {args.repeats}\n"
+              "| switch | integer ms | x memcpy | table ms | x memcpy |\n|---|---:|---:|---:|---:|")
         for s, d in PAIRS:
             a, b = med[f"integer {s}->{d}"], med[f"table {s}->{d}"]
             print(f"| {s} -> {d} | {a * 1e3:.1f} | {a / med['memcpy']:.1f} | {b * 1e3:.1f} | "

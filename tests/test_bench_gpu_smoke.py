@@ -27,4 +27,5 @@ def test_bench_gpu_smoke(tmp_path):
     assert {r["setting"] for r in res["model"]} == {"bf16", "w8", "w4", "w4+head"}
     assert all(r["kernels"] == ["triton"] for r in res["model"] if r["setting"] != "bf16")
     assert res["switch"]["8->4"]["cold_s"] > 0
-    assert proc.stdout.rstrip().splitlines()[-1].startswith("one-token forward")  # the table and summary come last
+    tail = proc.stdout.rstrip().splitlines()[-4:]  # the table, the targets and the summary come last
+    assert any(x.startswith("Targets (issue 12)") for x in tail) and tail[-1].startswith("one-token forward")

@@ -107,7 +107,8 @@ def test_split_k_tiles_and_row_buckets(bits):
     run(q, s, bits, 128, torch.bfloat16, 1, force={"gemv": (triton_linear.GEMV_CONFIGS[1], 1)})
     run(q, s, bits, 128, torch.bfloat16, 1, force={"gemv": (triton_linear.GEMV_CONFIGS[0], 3)})
     for m, split in ((2, 1), (17, 3), (40, 2)):  # row buckets 16 and 64 (the GEMM's BM)
-        run(q, s, bits, 128, torch.float16, m, force={"gemm": (triton_linear.GEMM_CONFIGS[0], split)})
+        cfg = triton_linear.GEMM_CONFIGS[16 if m <= 16 else 64][0]
+        run(q, s, bits, 128, torch.float16, m, force={"gemm": (cfg, split)})
 
 
 def test_many_rows_use_a_transient_dense_weight(monkeypatch):

@@ -16,11 +16,11 @@ from .triton_gemv import _segment
 
 
 @triton.jit(do_not_specialize=["M", "NBLK", "BPS", "SPLIT"])
-def _gemm_kernel(x_ptr, y_ptr, part_ptr, m_ptr, s_ptr, p0, p1, p2, M, N, K, stride_x, NG, G, NBLK, BPS, SPLIT,
+def _gemm_kernel(x_ptr, y_ptr, part_ptr, m_ptr, s_ptr, p0, p1, p2, M, N, K, stride_x, NG, NBLK, BPS, SPLIT,
                  MASTER: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr,
                  W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
                  SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
-                 L: tl.constexpr, SEG_: tl.constexpr, PER_GROUP: tl.constexpr,
+                 L: tl.constexpr, SEG_: tl.constexpr, PER_GROUP: tl.constexpr, GS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -49,9 +49,10 @@ def _gemm_kernel(x_ptr, y_ptr, part_ptr, m_ptr, s_ptr, p0, p1, p2, M, N, K, stri
                 xt = tl.load(x_ptr + xrows[None, :] + k[:, None], mask=mmask[None, :] & kmask[:, None], other=0.0)
                 wf, w0, w1, w2 = _segment(m_ptr, p0, p1, p2, w0, w1, w2, rows, K, NBLK, blk, s, t, k, wmask, kmask,
                                           MASTER, BITS, W0, W1, W2, SH0, SH1, SH2, L, SEG_)
-                if PER_GROUP:
-                    k0 = blk * (L * SEG_) + s * SEG_  # a segment lies in one group (SEG divides G)
-                    sc = tl.load(s_ptr + rows * NG + k0 // G, mask=nmask & live & (k0 < K), other=0.0)
+                if PER_GROUP:  # a segment lies in one group (SEG divides GS); load a group's scales once
+                    if (s * SEG_) % GS == 0:
+                        k0 = blk * (L * SEG_) + s * SEG_
+                        sc = tl.load(s_ptr + rows * NG + k0 // GS, mask=nmask & live & (k0 < K), other=0.0)
                     wf = wf * sc[:, None]
                 acc = tl.dot(wf.to(xt.dtype), xt, acc)
     acc = acc * (1 << D)
@@ -66,11 +67,11 @@ def _gemm_kernel(x_ptr, y_ptr, part_ptr, m_ptr, s_ptr, p0, p1, p2, M, N, K, stri
 
 
 @triton.jit(do_not_specialize=["NBLK"])
-def _dequant_kernel(w_ptr, m_ptr, s_ptr, p0, p1, p2, N, K, NG, G, NBLK,
+def _dequant_kernel(w_ptr, m_ptr, s_ptr, p0, p1, p2, N, K, NG, NBLK,
                     MASTER: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr,
                     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
                     SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
-                    L: tl.constexpr, SEG_: tl.constexpr, PER_GROUP: tl.constexpr, BN: tl.constexpr):
+                    L: tl.constexpr, SEG_: tl.constexpr, PER_GROUP: tl.constexpr, GS: tl.constexpr, BN: tl.constexpr):
     """``W_l`` in the activation dtype, one block of ``L * SEG`` columns per program: for many rows (prefill) a
     dense matmul on a transient dequantized weight beats unpacking every weight tile once per row tile."""
     pid_n = tl.program_id(0)
@@ -91,8 +92,9 @@ def _dequant_kernel(w_ptr, m_ptr, s_ptr, p0, p1, p2, N, K, NG, G, NBLK,
         wf, w0, w1, w2 = _segment(m_ptr, p0, p1, p2, w0, w1, w2, rows, K, NBLK, blk, s, t, k, wmask, kmask,
                                   MASTER, BITS, W0, W1, W2, SH0, SH1, SH2, L, SEG_)
         if PER_GROUP:
-            k0 = blk * (L * SEG_) + s * SEG_
-            sc = tl.load(s_ptr + rows * NG + k0 // G, mask=nmask & (k0 < K), other=0.0)
+            if (s * SEG_) % GS == 0:
+                k0 = blk * (L * SEG_) + s * SEG_
+                sc = tl.load(s_ptr + rows * NG + k0 // GS, mask=nmask & (k0 < K), other=0.0)
         else:
             sc = sc_row
         wf = wf * (sc * (1 << D))[:, None]

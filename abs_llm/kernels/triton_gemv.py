@@ -6,7 +6,8 @@ when ``out_features`` is small and ``in_features`` large (e.g. 4096 x 14336).
 
 Constexpr glossary (shared with :mod:`.triton_gemm`): ``MASTER`` read the int8 master (8 bits); ``BITS`` the width,
 ``D = master_bits - BITS``; ``W0..W2`` plane widths (0 = absent) and ``SH0..SH2`` their bit offsets in ``u``; ``L``
-segments per block; ``SEG_`` columns per segment; ``PER_GROUP`` one scale per ``G`` input columns (else per row);
+segments per block; ``SEG_`` columns per segment; ``PER_GROUP`` one scale per ``GS`` input columns (else per row; a constexpr, so
+that a group's scales are loaded once, at its first segment);
 ``NB`` blocks per loop iteration. The scale applied is ``s_h * 2^D`` (``q_l * s_h * 2^d``, docs/architecture.md).
 """
 
@@ -41,11 +42,11 @@ def _segment(m_ptr, p0, p1, p2, w0, w1, w2, rows, K, NBLK, blk, s: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=["NBLK", "BPS", "SPLIT"])
-def _gemv_kernel(x_ptr, y_ptr, part_ptr, m_ptr, s_ptr, p0, p1, p2, N, K, NG, G, NBLK, BPS, SPLIT,
+def _gemv_kernel(x_ptr, y_ptr, part_ptr, m_ptr, s_ptr, p0, p1, p2, N, K, NG, NBLK, BPS, SPLIT,
                  MASTER: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr,
                  W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
                  SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
-                 L: tl.constexpr, SEG_: tl.constexpr, PER_GROUP: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr):
+                 L: tl.constexpr, SEG_: tl.constexpr, PER_GROUP: tl.constexpr, GS: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -69,9 +70,10 @@ def _gemv_kernel(x_ptr, y_ptr, part_ptr, m_ptr, s_ptr, p0, p1, p2, N, K, NG, G, 
                 xs = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
                 wf, w0, w1, w2 = _segment(m_ptr, p0, p1, p2, w0, w1, w2, rows, K, NBLK, blk, s, t, k, wmask, kmask,
                                           MASTER, BITS, W0, W1, W2, SH0, SH1, SH2, L, SEG_)
-                if PER_GROUP:
-                    k0 = blk * (L * SEG_) + s * SEG_  # a segment lies in one group (SEG divides G)
-                    sc = tl.load(s_ptr + rows * NG + k0 // G, mask=nmask & live & (k0 < K), other=0.0)
+                if PER_GROUP:  # a segment lies in one group (SEG divides GS); load a group's scales once
+                    if (s * SEG_) % GS == 0:
+                        k0 = blk * (L * SEG_) + s * SEG_
+                        sc = tl.load(s_ptr + rows * NG + k0 // GS, mask=nmask & live & (k0 < K), other=0.0)
                     wf = wf * sc[:, None]
                 acc += wf * xs[None, :]
     y = tl.sum(acc, axis=1) * (1 << D)

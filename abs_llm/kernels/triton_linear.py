@@ -24,15 +24,32 @@ from .triton_gemm import _dequant_kernel, _gemm_kernel
 from .triton_gemv import _gemv_kernel, _reduce_kernel
 from .triton_pack import pack_planes_triton
 
-# (BN, segments per loop iteration, num_warps); few on purpose: each is one more compile per width, scale kind and
-# dtype (every compile costs ~1 s), and the split-K candidates that double them are free (runtime argument).
-GEMV_CONFIGS = ((64, 16, 4), (32, 32, 2))
-GEMM_CONFIGS = ((64, 8, 4),)
+# (BN, input columns per loop iteration, num_warps). Few on purpose: each is one more compile (~1-3 s) per width,
+# scale kind and dtype; the split-K candidates that double them are free (a runtime argument). Register use was
+# checked by compiling for sm_90 without a GPU (benchmarks/compile_check.py): <= 168 per thread, no spills, except
+# the 8-bit master GEMV with BN=64 (211-255), which the tuner can reject for BN=32 (115-128).
+GEMV_CONFIGS = ((64, 256, 4), (32, 256, 4))
+GEMM_CONFIGS = {16: ((64, 128, 4),), 64: ((64, 128, 8),)}  # per row bucket (BM); 8 warps hold the 64x64 acc
 DENSE_ROWS = 1024  # above this many rows: transient dequantized weight + F.linear (compute-bound, cuBLAS wins)
 TUNE = True  # False: take the first candidate untimed (the GPU self-test does, to compile less)
 TUNED: dict = {}  # key -> (config, split)
 CHECKED: dict = {}  # (bits, master_bits, group_size, dtype, n, k, device type) -> None (passed) or error text
 FORCE: dict = {}  # tests: {"gemv": (cfg, split), "gemm": (cfg, split)} bypasses the tuner
+
+
+def kernel_consts(bits, master_bits, group_size, n, k) -> tuple[dict, int, int]:
+    """The kernels' constexprs for a layer (see triton_gemv's glossary), its segments per block and block count."""
+    if bits == master_bits == 8:  # read the int8 master: 128-column blocks of 32-column segments (16 for group 16)
+        seg = 32 if group_size is None or group_size % 32 == 0 else 16
+        lanes, nblk, widths, shifts = 128 // seg, math.ceil(k / 128), (), ()
+    else:
+        lay = Layout(bits, n, k)
+        seg, lanes, nblk, widths, shifts = SEG, lay.lanes, lay.nblocks, lay.widths, lay.shifts
+    w = tuple(widths) + (0,) * (3 - len(widths))
+    sh = tuple(shifts) + (0,) * (3 - len(shifts))
+    consts = dict(MASTER=not widths, BITS=bits, D=master_bits - bits, W0=w[0], W1=w[1], W2=w[2], SH0=sh[0],
+                  SH1=sh[1], SH2=sh[2], L=lanes, SEG_=seg, PER_GROUP=group_size is not None, GS=group_size or 0)
+    return consts, lanes, nblk
 
 
 def _rows_bucket(m: int) -> int:
@@ -48,20 +65,12 @@ class TritonLinear:
         self.master_bits, self.bits, self.group_size = master_bits, bits, group_size
         self.scale = scale.float().contiguous()
         self.device = q_master.device
-        master = bits == master_bits == 8
-        if master:
-            seg = 32 if group_size is None or group_size % 32 == 0 else 16
-            self.lanes, self.nblk, widths, shifts = 128 // seg, math.ceil(self.k / 128), (), ()
+        self.consts, self.lanes, self.nblk = kernel_consts(bits, master_bits, group_size, self.n, self.k)
+        if self.consts["MASTER"]:
             self.master, self.planes = q_master.contiguous(), ()
         else:
-            seg, lay = SEG, Layout(bits, self.n, self.k)
-            self.lanes, self.nblk, widths, shifts = lay.lanes, lay.nblocks, lay.widths, lay.shifts
             self.planes = _pack(q_master, master_bits, bits)
             self.master = self.planes[0]  # unused by the kernels at this width; any int pointer will do
-        w = tuple(widths) + (0,) * (3 - len(widths))
-        sh = tuple(shifts) + (0,) * (3 - len(shifts))
-        self.consts = dict(MASTER=master, BITS=bits, D=master_bits - bits, W0=w[0], W1=w[1], W2=w[2], SH0=sh[0],
-                           SH1=sh[1], SH2=sh[2], L=self.lanes, SEG_=seg, PER_GROUP=group_size is not None)
         p = self.planes + (self.master,) * (3 - len(self.planes))
         self.ptrs = (self.master, self.scale, p[0], p[1], p[2])
         self.nbytes = sum(t.numel() * t.element_size() for t in self.planes)
@@ -76,19 +85,19 @@ class TritonLinear:
 
     def launch(self, x2, y, path, cfg, split):
         m = x2.shape[0]
-        bn, seg_per_iter, warps = cfg
-        nb = max(1, seg_per_iter // self.lanes)
+        bn, cols_per_iter, warps = cfg
+        nb = max(1, cols_per_iter // (self.lanes * self.consts["SEG_"]))
         bps, split = self._split_plan(split, nb)
         part = torch.empty(split, m, self.n, dtype=torch.float32, device=x2.device) if split > 1 else self.dummy
-        ng, g = self.scale.shape[1], self.group_size or self.k
+        ng = self.scale.shape[1]
         if path == "gemv":
             grid = (triton.cdiv(self.n, bn), split)
-            _gemv_kernel[grid](x2, y, part, *self.ptrs, self.n, self.k, ng, g, self.nblk, bps, split, **self.consts,
+            _gemv_kernel[grid](x2, y, part, *self.ptrs, self.n, self.k, ng, self.nblk, bps, split, **self.consts,
                                BN=bn, NB=nb, num_warps=warps, num_stages=2)
         else:
             bm = _rows_bucket(m)
             grid = (triton.cdiv(self.n, bn), split, triton.cdiv(m, bm))
-            _gemm_kernel[grid](x2, y, part, *self.ptrs, m, self.n, self.k, x2.stride(0), ng, g, self.nblk, bps,
+            _gemm_kernel[grid](x2, y, part, *self.ptrs, m, self.n, self.k, x2.stride(0), ng, self.nblk, bps,
                                split, **self.consts, BM=bm, BN=bn, NB=nb, num_warps=warps, num_stages=2)
         if split > 1:
             _reduce_kernel[(triton.cdiv(m * self.n, 1024),)](part, y, m * self.n, split, BLOCK=1024, num_warps=4)
@@ -96,15 +105,15 @@ class TritonLinear:
     def dense(self, dtype) -> torch.Tensor:
         """``W_l`` in ``dtype`` (transient: not cached, so no float copy stays resident)."""
         w = torch.empty(self.n, self.k, dtype=dtype, device=self.device)
-        ng, g = self.scale.shape[1], self.group_size or self.k
-        _dequant_kernel[(triton.cdiv(self.n, 32), self.nblk)](w, *self.ptrs, self.n, self.k, ng, g, self.nblk,
-                                                               **self.consts, BN=32, num_warps=4)
+        grid = (triton.cdiv(self.n, 32), self.nblk)
+        _dequant_kernel[grid](w, *self.ptrs, self.n, self.k, self.scale.shape[1], self.nblk, **self.consts, BN=32,
+                              num_warps=4)
         return w
 
     def candidates(self, path, m):
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 4
         out = []
-        for cfg in GEMV_CONFIGS if path == "gemv" else GEMM_CONFIGS:
+        for cfg in GEMV_CONFIGS if path == "gemv" else GEMM_CONFIGS[_rows_bucket(m)]:
             programs = triton.cdiv(self.n, cfg[0]) * (1 if path == "gemv" else triton.cdiv(m, _rows_bucket(m)))
             split = min(self.nblk, max(1, math.ceil(3 * sms / programs)))
             out += [(cfg, split)] + ([(cfg, 1)] if split > 1 else [])

@@ -82,7 +82,9 @@ def choose(out_f, in_f, bits, group_size, dtype, device, kernel="auto") -> str:
                  logging.WARNING)
         return "dequant"
     if device.type == "cuda":
-        order = ("triton", "cuda_int4", "cuda_int8")
+        # not cuda_int4/cuda_int8 (aten tinygemm): measured slower than bf16 F.linear at M >= 16 (int4) and at every M
+        # (int8) on an H200 (issue 12); they stay available by name
+        order = ("triton",)
     elif dtype != torch.bfloat16:
         # fp32: the integer kernels have no fast fp32 path on CPU (measured 5-25x slower than F.linear)
         say_once(f"abs_llm kernels: {dtype} activations on CPU run dequant + F.linear; int kernels are fast only in bf16")

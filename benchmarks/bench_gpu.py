@@ -33,7 +33,6 @@ if "--smoke" in sys.argv:  # before anything imports triton (transformers does)
     os.environ["TRITON_INTERPRET"] = "1"
 
 import json  # noqa: E402
-import statistics  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

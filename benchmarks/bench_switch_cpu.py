@@ -2,8 +2,9 @@
 
 SmolLM2-135M-Instruct (embedded default), bf16 activations, per-channel and group 64. "cold": the target width is not
 cached, so ``set_bits`` derives and packs every layer; "memcpy": ``clone()`` of every INT8 master (as in
-bench_speed.py; the copy into preallocated buffers, without page faults, is reported too). Both derivations run in the same process, round-robin over the repeats (the machine is shared);
-"table" is the 256-entry gather with an int32 index that ``kernels.common.lookup`` used before (kept here to compare).
+bench_speed.py; the copy into preallocated buffers, without page faults, is reported too). Both derivations run in
+the same process, round-robin over the repeats (the machine is shared); "table" is the 256-entry gather with an int32
+index that ``kernels.common.lookup`` used before (kept here to compare).
 
 Usage: python benchmarks/bench_switch_cpu.py [--repeats 5] [--threads N] [--out benchmarks/results/switch_cpu.json]
 """

@@ -96,18 +96,20 @@ def selftest(device, shapes=((320, 576), (512, 2048)), ms=(1, 4, 16, 64), fp16=T
 
 
 def table(rows) -> str:
-    lines = ["| shape | scales | width | dtype | pack exact | graph | rel. err M=" +
-             "/".join(str(m) for m in (rows[0]["errors"] if rows else [])) + " | result |", "|---|---|---|---|---|---|---|---|"]
+    ms = "/".join(str(m) for m in (rows[0]["errors"] if rows else []))
+    lines = [f"| shape | scales | width | dtype | pack exact | graph | rel. err M={ms} | result |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         errs = "/".join(f"{e:.1e}" for e in r["errors"].values()) or "-"
+        result = "PASS" if r["ok"] else "FAIL " + (r["failure"] or "")
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['scales']} | w{r['bits']} | {r['dtype']} | "
-                     f"{r['pack_exact']} | {r['graph']} | {errs} | {'PASS' if r['ok'] else 'FAIL ' + (r['failure'] or '')} |")
+                     f"{r['pack_exact']} | {r['graph']} | {errs} | {result} |")
     return "\n".join(lines)
 
 
 def main():
     if not torch.cuda.is_available():
-        sys.exit("gpu_selftest needs a CUDA device (CI runs the kernels in the interpreter: tests/test_triton_kernels.py)")
+        sys.exit("gpu_selftest needs a CUDA device (CI runs the kernels in Triton's interpreter instead)")
     t = time.time()
     rows = selftest(torch.device("cuda"))
     print(table(rows))

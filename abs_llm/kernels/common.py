@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-import torch
 
-from .. import core
+import torch
 
 logger = logging.getLogger("abs_llm.kernels")
 _said: set[str] = set()

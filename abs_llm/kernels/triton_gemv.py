@@ -6,8 +6,8 @@ when ``out_features`` is small and ``in_features`` large (e.g. 4096 x 14336).
 
 Constexpr glossary (shared with :mod:`.triton_gemm`): ``MASTER`` read the int8 master (8 bits); ``BITS`` the width,
 ``D = master_bits - BITS``; ``W0..W2`` plane widths (0 = absent) and ``SH0..SH2`` their bit offsets in ``u``; ``L``
-segments per block; ``SEG_`` columns per segment; ``PER_GROUP`` one scale per ``GS`` input columns (else per row; a constexpr, so
-that a group's scales are loaded once, at its first segment);
+segments per block; ``SEG_`` columns per segment; ``PER_GROUP`` one scale per ``GS`` input columns (else per row;
+``GS`` is a constexpr so that a group's scales are loaded once, at its first segment);
 ``NB`` blocks per loop iteration. The scale applied is ``s_h * 2^D`` (``q_l * s_h * 2^d``, docs/architecture.md).
 """
 
@@ -46,7 +46,8 @@ def _gemv_kernel(x_ptr, y_ptr, part_ptr, m_ptr, s_ptr, p0, p1, p2, N, K, NG, NBL
                  MASTER: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr,
                  W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
                  SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
-                 L: tl.constexpr, SEG_: tl.constexpr, PER_GROUP: tl.constexpr, GS: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr):
+                 L: tl.constexpr, SEG_: tl.constexpr, PER_GROUP: tl.constexpr, GS: tl.constexpr,
+                 BN: tl.constexpr, NB: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)

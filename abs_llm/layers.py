@@ -134,7 +134,7 @@ class SwitchableLinear(nn.Module):
     def bits(self, value: int) -> None:
         if isinstance(value, bool) or value not in self.candidate_bits:
             raise ValueError(f"bits={value!r} is not a candidate of this layer; allowed {list(self.candidate_bits)}")
-        self._bits = int(value)
+        self.__dict__["_bits"] = int(value)  # a plain int: skip nn.Module.__setattr__ (switching is per-layer Python)
 
     @property
     def kernel(self) -> str:
@@ -158,7 +158,8 @@ class SwitchableLinear(nn.Module):
 
     def packed(self, dtype, device) -> kernels.Packed:
         """The active width packed for the best kernel for ``(dtype, device)``; LRU-cached, memory-capped."""
-        device = torch.device(device)
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
         key = (self._bits, dtype, device)
         p = self._cache.get(key)
         if p is not None:
@@ -180,7 +181,7 @@ class SwitchableLinear(nn.Module):
 
     def prepare(self) -> kernels.Packed | None:
         """Pack the active width for the activation dtype/device last seen in forward (no-op before any forward)."""
-        if self.trainable or self._act is None:
+        if self._act is None or self.trainable:
             return None
         return self.packed(*self._act)
 

@@ -1,5 +1,11 @@
 """Shared fixtures and helpers: tiny random Llama models, in-memory tokenizers (no Hub), a tiny switchable checkpoint."""
 
+import os
+
+# CI has no GPU: the Triton kernels run in Triton's interpreter. The flag is read when a @triton.jit function is
+# decorated, including triton's own library (tl.zeros, tl.sum), and transformers imports triton, so set it first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM

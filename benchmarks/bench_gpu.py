@@ -180,6 +180,8 @@ def main():
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds after which no new row starts (default 330; smoke 80)")
     ap.add_argument("--no-model", action="store_true", help="skip the 8-layer model sections")
+    ap.add_argument("--warm-workers", type=int, default=12,
+                    help="compile the Triton variants in this many processes first (0: compile on first use)")
     args = ap.parse_args()
     dev = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if args.smoke:
@@ -197,6 +199,10 @@ def main():
     shapes = [(64, 160)] if args.smoke else [(14336, 4096), (4096, 14336), (4096, 4096)]
     ms = (1, 16) if args.smoke else (1, 4, 16, 64)
     st_shapes = ((64, 160),) if args.smoke else ((320, 576), (1024, 4096))
+    if dev.type == "cuda" and args.warm_workers > 0:
+        from gpu_warm import warm
+
+        results["warm"] = run.guard("warm", warm, shapes, st_shapes, ms, args.warm_workers, run.log)
     st = run.guard("selftest", selftest, dev, shapes=st_shapes, ms=ms, fp16=not args.smoke, log=run.log,
                    tol=1e-2 if args.smoke else 5e-3,  # the interpreter truncates to bf16 (the GPU rounds)
                    deadline=run.t0 + 0.45 * run.budget) or []

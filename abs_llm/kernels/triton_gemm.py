@@ -12,7 +12,7 @@ is cast after all fp32 math; the accumulator is fp32.
 from __future__ import annotations
 
 from .triton_base import tl, triton
-from .triton_gemv import _segment
+from .triton_gemv import _mainloop, _segment
 
 
 @triton.jit(do_not_specialize=["M", "NBLK", "BPS", "SPLIT"])
@@ -31,30 +31,11 @@ def _gemm_kernel(x_ptr, y_ptr, part_ptr, m_ptr, s_ptr, p0, p1, p2, M, N, K, stri
     offs_m = pid_m * BM + tl.arange(0, BM)
     mmask = offs_m < M
     xrows = offs_m.to(tl.int64) * stride_x
-    t = tl.arange(0, SEG_)
     acc = tl.zeros((BN, BM), tl.float32)
     b_lo = pid_k * BPS
-    b_hi = tl.minimum(b_lo + BPS, NBLK)
-    for b0 in range(b_lo, b_hi, NB):
-        for i in tl.static_range(NB):
-            blk = b0 + i
-            live = blk < b_hi
-            wmask = nmask[:, None] & live
-            w0 = tl.zeros((BN, SEG_), tl.int32)
-            w1 = w0
-            w2 = w0
-            for s in tl.static_range(L):
-                k = blk * (L * SEG_) + s * SEG_ + t
-                kmask = (k < K) & live
-                xt = tl.load(x_ptr + xrows[None, :] + k[:, None], mask=mmask[None, :] & kmask[:, None], other=0.0)
-                wf, w0, w1, w2 = _segment(m_ptr, p0, p1, p2, w0, w1, w2, rows, K, NBLK, blk, s, t, k, wmask, kmask,
-                                          MASTER, BITS, W0, W1, W2, SH0, SH1, SH2, L, SEG_)
-                if PER_GROUP:  # a segment lies in one group (SEG divides GS); load a group's scales once
-                    if (s * SEG_) % GS == 0:
-                        k0 = blk * (L * SEG_) + s * SEG_
-                        sc = tl.load(s_ptr + rows * NG + k0 // GS, mask=nmask & live & (k0 < K), other=0.0)
-                    wf = wf * sc[:, None]
-                acc = tl.dot(wf.to(xt.dtype), xt, acc)
+    acc = _mainloop(acc, x_ptr, xrows, mmask, m_ptr, s_ptr, p0, p1, p2, rows, nmask, K, NG, NBLK, b_lo,
+                    tl.minimum(b_lo + BPS, NBLK), MASTER, BITS, W0, W1, W2, SH0, SH1, SH2, L, SEG_, PER_GROUP, GS,
+                    BN, NB, True)
     acc = acc * (1 << D)
     if not PER_GROUP:
         acc = acc * tl.load(s_ptr + rows * NG, mask=nmask, other=0.0)[:, None]

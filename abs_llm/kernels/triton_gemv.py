@@ -41,6 +41,44 @@ def _segment(m_ptr, p0, p1, p2, w0, w1, w2, rows, K, NBLK, blk, s: tl.constexpr,
     return wf, w0, w1, w2
 
 
+@triton.jit
+def _mainloop(acc, x_ptr, xrows, mmask, m_ptr, s_ptr, p0, p1, p2, rows, nmask, K, NG, NBLK, b_lo, b_hi,
+              MASTER: tl.constexpr, BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+              SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr, L: tl.constexpr, SEG_: tl.constexpr,
+              PER_GROUP: tl.constexpr, GS: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT: tl.constexpr):
+    """The K loop both kernels share: for every segment, unpack and scale the ``[BN, SEG]`` weight tile, then
+    ``acc += w * x`` (GEMV, ``acc [BN, SEG]``, one activation row) or ``acc = tl.dot(w, x^T, acc)`` (GEMM,
+    ``acc [BN, BM]``; ``xrows``/``mmask`` address the ``BM`` activation rows)."""
+    t = tl.arange(0, SEG_)
+    for b0 in range(b_lo, b_hi, NB):
+        for i in tl.static_range(NB):
+            blk = b0 + i
+            live = blk < b_hi
+            wmask = nmask[:, None] & live
+            w0 = tl.zeros((BN, SEG_), tl.int32)
+            w1 = w0
+            w2 = w0
+            for s in tl.static_range(L):
+                k = blk * (L * SEG_) + s * SEG_ + t
+                kmask = (k < K) & live
+                if DOT:  # the activations first: their load is in flight while the weight tile is unpacked
+                    xt = tl.load(x_ptr + xrows[None, :] + k[:, None], mask=mmask[None, :] & kmask[:, None], other=0.0)
+                else:
+                    xs = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+                wf, w0, w1, w2 = _segment(m_ptr, p0, p1, p2, w0, w1, w2, rows, K, NBLK, blk, s, t, k, wmask, kmask,
+                                          MASTER, BITS, W0, W1, W2, SH0, SH1, SH2, L, SEG_)
+                if PER_GROUP:  # a segment lies in one group (SEG divides GS); load a group's scales once
+                    if (s * SEG_) % GS == 0:
+                        k0 = blk * (L * SEG_) + s * SEG_
+                        sc = tl.load(s_ptr + rows * NG + k0 // GS, mask=nmask & live & (k0 < K), other=0.0)
+                    wf = wf * sc[:, None]
+                if DOT:
+                    acc = tl.dot(wf.to(xt.dtype), xt, acc)
+                else:
+                    acc += wf * xs[None, :]
+    return acc
+
+
 @triton.jit(do_not_specialize=["NBLK", "BPS", "SPLIT"])
 def _gemv_kernel(x_ptr, y_ptr, part_ptr, m_ptr, s_ptr, p0, p1, p2, N, K, NG, NBLK, BPS, SPLIT,
                  MASTER: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr,
@@ -53,30 +91,11 @@ def _gemv_kernel(x_ptr, y_ptr, part_ptr, m_ptr, s_ptr, p0, p1, p2, N, K, NG, NBL
     offs_n = pid_n * BN + tl.arange(0, BN)
     nmask = offs_n < N
     rows = offs_n.to(tl.int64)
-    t = tl.arange(0, SEG_)
     acc = tl.zeros((BN, SEG_), tl.float32)
     b_lo = pid_k * BPS
-    b_hi = tl.minimum(b_lo + BPS, NBLK)
-    for b0 in range(b_lo, b_hi, NB):
-        for i in tl.static_range(NB):
-            blk = b0 + i
-            live = blk < b_hi
-            wmask = nmask[:, None] & live
-            w0 = tl.zeros((BN, SEG_), tl.int32)
-            w1 = w0
-            w2 = w0
-            for s in tl.static_range(L):
-                k = blk * (L * SEG_) + s * SEG_ + t
-                kmask = (k < K) & live
-                xs = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-                wf, w0, w1, w2 = _segment(m_ptr, p0, p1, p2, w0, w1, w2, rows, K, NBLK, blk, s, t, k, wmask, kmask,
-                                          MASTER, BITS, W0, W1, W2, SH0, SH1, SH2, L, SEG_)
-                if PER_GROUP:  # a segment lies in one group (SEG divides GS); load a group's scales once
-                    if (s * SEG_) % GS == 0:
-                        k0 = blk * (L * SEG_) + s * SEG_
-                        sc = tl.load(s_ptr + rows * NG + k0 // GS, mask=nmask & live & (k0 < K), other=0.0)
-                    wf = wf * sc[:, None]
-                acc += wf * xs[None, :]
+    acc = _mainloop(acc, x_ptr, 0, True, m_ptr, s_ptr, p0, p1, p2, rows, nmask, K, NG, NBLK, b_lo,
+                    tl.minimum(b_lo + BPS, NBLK), MASTER, BITS, W0, W1, W2, SH0, SH1, SH2, L, SEG_, PER_GROUP, GS,
+                    BN, NB, False)
     y = tl.sum(acc, axis=1) * (1 << D)
     if not PER_GROUP:
         y = y * tl.load(s_ptr + rows * NG, mask=nmask, other=0.0)

@@ -227,7 +227,12 @@ class SwitchableLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.trainable:
             self._act = (x.dtype, x.device)
-            return self.packed(x.dtype, x.device)(x, self.bias)
+            p = self.packed(x.dtype, x.device)
+            if p.kernel != "dequant" and x.requires_grad and torch.is_grad_enabled():
+                # the integer kernels have no backward; adapters (LoRA) upstream of a frozen layer need d(out)/dx
+                bias = None if self.bias is None else self.bias.to(x.dtype)
+                return F.linear(x, self.derived_weight(self._bits, dtype=x.dtype), bias)
+            return p(x, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.derived_weight(self._bits, dtype=x.dtype), bias)
 

@@ -62,6 +62,7 @@ class SwitchableLinear(nn.Module):
         self._cache: OrderedDict = OrderedDict()  # (bits, dtype, device) -> kernels.Packed, least recent first
         self._kernel = kernels.check_kernel(kernel)
         self._act = None  # (dtype, device) of the last forward: what set_bits packs eagerly
+        self.offloaded = False  # set at load when accelerate offloads this layer (hf_quantizer.offloaded_modules)
         mdtype, mshape = checkpoint.master_layout(out_features, in_features, master_bits)
         self.register_buffer("weight_master", torch.zeros(mshape, dtype=mdtype, device=device))
         self.weight_scale = nn.Parameter(
@@ -160,6 +161,10 @@ class SwitchableLinear(nn.Module):
         """The active width packed for the best kernel for ``(dtype, device)``; LRU-cached, memory-capped."""
         device = torch.device(device)
         key = (self._bits, dtype, device)
+        if self.offloaded:  # accelerate loads the master for each forward: keep no packed copy between them
+            with torch.no_grad():
+                return kernels.pack_checked(self.master(), self.weight_scale, self.master_bits, self._bits,
+                                            self.group_size, dtype, device, "dequant")
         p = self._cache.get(key)
         if p is not None:
             self._cache.move_to_end(key)
@@ -180,7 +185,7 @@ class SwitchableLinear(nn.Module):
 
     def prepare(self) -> kernels.Packed | None:
         """Pack the active width for the activation dtype/device last seen in forward (no-op before any forward)."""
-        if self.trainable or self._act is None:
+        if self.trainable or self._act is None or self.offloaded:
             return None
         return self.packed(*self._act)
 

@@ -87,11 +87,14 @@ def merge_delta(layer: SwitchableLinear, delta: torch.Tensor) -> None:
 
 
 class _MergePass:
-    """One model-level merge: the switchable LoRA layers to check before the first one commits."""
+    """One model-level merge: the switchable LoRA layers to check before the first one commits (weak references,
+    emptied by that first check, so nothing is kept alive or pickled with the model)."""
 
     def __init__(self, layers):
         self.layers = [weakref.ref(m) for m in layers]
-        self.checked = False
+
+    def __getstate__(self):
+        return {"layers": []}
 
 
 class SwitchableLoraLinear(LoraLinear):
@@ -134,10 +137,10 @@ class SwitchableLoraLinear(LoraLinear):
 
     def _check_pass(self, adapter_names, safe_merge: bool) -> None:
         p = self._abs_llm_pass
-        if p is None or p.checked:
+        if p is None or not p.layers:
             return
-        p.checked = True  # first layer of the pass: check every layer before any commits
-        for ref in p.layers:
+        refs, p.layers = p.layers, []  # first layer of the pass: check every layer before any commits
+        for ref in refs:
             layer = ref()
             if layer is not None and layer._to_merge(adapter_names):
                 layer._merged_state(layer._to_merge(adapter_names), safe_merge)

@@ -55,6 +55,12 @@ def test_peft_hook_is_in_place():
                                                               target_name="x")
     assert isinstance(new, SwitchableLoraLinear), (
         f"peft {peft.__version__}: LoraModel._create_new_module no longer dispatches LoraConfig._custom_modules")
+    merge_check = peft.tuners.lora.model.LoraModel._check_merge_allowed
+    assert getattr(merge_check, "_abs_llm_hook", False), (
+        f"peft {peft.__version__}: LoraModel._check_merge_allowed is not abs_llm's wrapper (renamed?); merges would no"
+        " longer be checked across layers before the first one commits")
+    src = __import__("inspect").getsource(peft.tuners.tuners_utils.BaseTuner._unload_and_optionally_merge)
+    assert "self._check_merge_allowed()" in src, f"peft {peft.__version__}: merge passes no longer start with it"
 
 
 def test_plain_peft_after_import_abs_llm_in_a_fresh_process(tmp_path):

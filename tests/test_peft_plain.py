@@ -214,3 +214,17 @@ def test_lora_backward_through_integer_kernels_in_bf16(qmodel, tokens):
     loss.backward()
     grads = [p.grad for n, p in pm.named_parameters() if "lora_A" in n and "layers.0." in n]
     assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_two_adapters_merge_as_one_rounding(qmodel):
+    from abs_llm.peft_lora import merged_master
+
+    pm = get_peft_model(qmodel, LoraConfig(r=4, target_modules=["q_proj"]), adapter_name="a")
+    pm.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj"]))
+    _randomize(pm, seed=1)
+    layer = next(m for m in pm.modules() if isinstance(m, SwitchableLoraLinear))
+    base = layer.get_base_layer()
+    q, scale = merged_master(base, layer.get_delta_weight("a") + layer.get_delta_weight("b"))
+    pm.base_model.merge_adapter(adapter_names=["a", "b"])
+    assert torch.equal(base.master(), q) and torch.equal(base.weight_scale, scale)
+    assert layer.merged_adapters == ["a", "b"]

@@ -9,6 +9,7 @@ import json
 import sys
 
 from .core import DEFAULT_CANDIDATE_BITS, DEFAULT_GROUP_SIZE, DEFAULT_MASTER_BITS
+from .results import DEFAULT_EVAL_CHUNKS
 
 
 def _bits_list(text: str) -> list[int]:
@@ -34,8 +35,9 @@ def _eval_flags(p, tokenizer_only: bool = False):
     if tokenizer_only:
         return
     p.add_argument("--no-eval", action="store_true", help="skip the per-width PPL stored as eval_results.json")
-    p.add_argument("--eval-chunks", type=lambda t: None if t.lower() in ("all", "none") else int(t), default=16,
-                   help="held-out windows of 512 tokens per width for eval_results.json (default 16; 'all')")
+    p.add_argument("--eval-chunks", type=lambda t: None if t.lower() in ("all", "none") else int(t),
+                   default=DEFAULT_EVAL_CHUNKS, help="held-out windows of 512 tokens per width for eval_results.json"
+                                                     f" (default {DEFAULT_EVAL_CHUNKS}; 'all')")
 
 
 # ---- quantize ---------------------------------------------------------------------------------------------------------

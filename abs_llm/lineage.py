@@ -12,6 +12,7 @@ else the recorded source model's, else one ``ValueError`` line naming what is mi
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -24,9 +25,15 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 def gguf_metadata(gguf_file) -> dict:
     """The ``general.*`` header fields of a GGUF file that say what model it is (read with the ``gguf`` package)."""
+    p = Path(gguf_file)
+    return dict(_gguf_metadata(str(p.resolve()), p.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_metadata(path: str, mtime_ns: int) -> dict:  # GGUFReader maps every tensor too: read each file once
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(gguf_file))
+    reader = GGUFReader(path)
     out = {}
     for key in _GGUF_FIELDS:
         field = reader.fields.get(f"general.{key}")

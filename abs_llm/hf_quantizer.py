@@ -71,6 +71,21 @@ def _check_float_linears(model: nn.Module, targets: list[str]) -> None:
                 raise ValueError(f"layer {name} has NaN or inf {what}; refusing to quantize")
 
 
+def mark_offloaded(model: nn.Module) -> list[str]:
+    """Flag every SwitchableLinear under an accelerate offload hook (``device_map`` with "cpu"/"disk" next to an
+    accelerator, or ``accelerate.cpu_offload``): it then packs its width at each forward and caches nothing, so the
+    offloaded tensors are not kept in memory between forwards. ``from_pretrained`` calls this; call it yourself after
+    attaching hooks by hand. Returns the flagged layer names."""
+    hooked = [n for n, m in model.named_modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+    flagged = []
+    for name, layer in switchable_layers(model).items():
+        layer.offloaded = any(not h or name == h or name.startswith(h + ".") for h in hooked)
+        if layer.offloaded:
+            layer.invalidate_cache()
+            flagged.append(name)
+    return flagged
+
+
 def _apply_config_bits(model: nn.Module, config: DoubleRoundingConfig) -> None:
     bits, layer_bits = config.bits, config.layer_bits  # read both first: set_bits rewrites the model's config
     set_bits(model, bits, kernel=getattr(config, "kernel", "auto"))
@@ -108,6 +123,11 @@ def _attach(model: nn.Module, config: DoubleRoundingConfig) -> None:
     if not hasattr(model, "config"):
         return
     model.config.quantization_config = config
+    if not getattr(model.config, "abs_llm_source", None):  # lineage: what this model was quantized from
+        from .lineage import describe_source, record_source
+
+        name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+        record_source(model, describe_source(name) if name else {"base_model": None, "path": None})
     model.hf_quantizer = DoubleRoundingHfQuantizer(config, pre_quantized=False)
     model.is_quantized = True
     model.quantization_method = config.quant_method
@@ -121,9 +141,12 @@ class DoubleRoundingHfQuantizer(HfQuantizer):
     quantization_config: DoubleRoundingConfig
 
     def validate_environment(self, *args, **kwargs):
+        # CPU and disk offload both work (accelerate hooks load the master and scales per forward; mark_offloaded):
+        # tests/test_offload.py. Quantize-on-load needs every float weight in memory first.
         device_map = kwargs.get("device_map")
-        if isinstance(device_map, dict) and "disk" in device_map.values():
-            raise ValueError("disk offload is not supported for double_rounding checkpoints; use device_map=None/'cpu'")
+        if not self.pre_quantized and isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("quantize-on-load cannot disk-offload (every float weight is needed in memory); quantize "
+                             "first (abs-llm quantize), then load the switchable checkpoint with the device_map")
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False  # quantize-on-load happens after loading, see _process_model_after_weight_loading
@@ -153,8 +176,9 @@ class DoubleRoundingHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             quantize(model, cfg)
             return model
+        mark_offloaded(model)
         for name, layer in switchable_layers(model).items():
-            if layer.weight_master.is_meta or layer.weight_scale.is_meta:
+            if (layer.weight_master.is_meta or layer.weight_scale.is_meta) and not layer.offloaded:
                 raise ValueError(f"checkpoint is missing the master or scale of {name}")
             layer.invalidate_cache()
         _apply_config_bits(model, cfg)

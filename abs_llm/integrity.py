@@ -178,11 +178,35 @@ def atomic_save(save_fn, save_directory, **kwargs) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+_HUB_KEYS = ("repo_id", "commit_message", "create_pr", "private", "revision", "commit_description")
+
+
+def _save_and_push(self, save_directory, **kwargs):
+    """``save_pretrained(..., push_to_hub=True)``: the normal abs_llm save (digests, loader shim) into
+    ``save_directory``, then transformers' own upload steps (repo, card, changed files), so the upload is exactly what a
+    local save writes. transformers' flow would write without the digests and the shim."""
+    from transformers.utils.hub import create_and_tag_model_card, hf_api
+
+    hub = {k: kwargs.pop(k) for k in _HUB_KEYS if k in kwargs}
+    token = kwargs.get("token")
+    repo_id = hub.pop("repo_id", os.fspath(save_directory).rstrip(os.sep).split(os.sep)[-1])
+    create_kw = {k: hub[k] for k in ("private",) if k in hub}
+    repo_id = hf_api().create_repo(repo_id, exist_ok=True, token=token, **create_kw).repo_id
+    Path(save_directory).mkdir(parents=True, exist_ok=True)
+    before = self._get_files_timestamps(save_directory)
+    self.save_pretrained(save_directory, **kwargs)
+    create_and_tag_model_card(repo_id, self.model_tags, token=token).save(os.path.join(save_directory, "README.md"))
+    self._upload_modified_files(save_directory, repo_id, before, commit_message=hub.get("commit_message"),
+                                token=token, create_pr=hub.get("create_pr", False), revision=hub.get("revision"),
+                                commit_description=hub.get("commit_description"))
+
+
 def _atomic_save_pretrained(self, save_directory, **kwargs):
     original = type(self).save_pretrained
-    if kwargs.get("push_to_hub") or kwargs.get("is_main_process", True) is False:
-        # Hub uploads keep transformers' own flow; non-main DDP ranks write nothing anyway.
-        return original(self, save_directory, **kwargs)
+    if kwargs.get("is_main_process", True) is False:
+        return original(self, save_directory, **kwargs)  # non-main DDP ranks write nothing anyway
+    if kwargs.pop("push_to_hub", False):
+        return _save_and_push(self, save_directory, **kwargs)
     def save(d, **kw):
         original(self, d, **kw)
         from .remote_code import write_remote_code

@@ -62,6 +62,7 @@ class SwitchableLinear(nn.Module):
         self._cache: OrderedDict = OrderedDict()  # (bits, dtype, device) -> kernels.Packed, least recent first
         self._kernel = kernels.check_kernel(kernel)
         self._act = None  # (dtype, device) of the last forward: what set_bits packs eagerly
+        self.offloaded = False  # set at load when accelerate offloads this layer (hf_quantizer.offloaded_modules)
         mdtype, mshape = checkpoint.master_layout(out_features, in_features, master_bits)
         self.register_buffer("weight_master", torch.zeros(mshape, dtype=mdtype, device=device))
         self.weight_scale = nn.Parameter(
@@ -161,6 +162,10 @@ class SwitchableLinear(nn.Module):
         if not isinstance(device, torch.device):
             device = torch.device(device)
         key = (self._bits, dtype, device)
+        if self.offloaded:  # accelerate loads the master for each forward: keep no packed copy between them
+            with torch.no_grad():
+                return kernels.pack_checked(self.master(), self.weight_scale, self.master_bits, self._bits,
+                                            self.group_size, dtype, device, "dequant")
         p = self._cache.get(key)
         if p is not None:
             self._cache.move_to_end(key)
@@ -181,7 +186,7 @@ class SwitchableLinear(nn.Module):
 
     def prepare(self) -> kernels.Packed | None:
         """Pack the active width for the activation dtype/device last seen in forward (no-op before any forward)."""
-        if self._act is None or self.trainable:
+        if self._act is None or self.trainable or self.offloaded:
             return None
         return self.packed(*self._act)
 
@@ -228,7 +233,12 @@ class SwitchableLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.trainable:
             self._act = (x.dtype, x.device)
-            return self.packed(x.dtype, x.device)(x, self.bias)
+            p = self.packed(x.dtype, x.device)
+            if p.kernel != "dequant" and x.requires_grad and torch.is_grad_enabled():
+                # the integer kernels have no backward; adapters (LoRA) upstream of a frozen layer need d(out)/dx
+                bias = None if self.bias is None else self.bias.to(x.dtype)
+                return F.linear(x, self.derived_weight(self._bits, dtype=x.dtype), bias)
+            return p(x, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.derived_weight(self._bits, dtype=x.dtype), bias)
 

@@ -27,8 +27,10 @@ def load_checkpoint(checkpoint: str | os.PathLike, tokenizer: bool = True):
     one is refused clearly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoint import check_dir
     from .switching import switchable_layers
 
+    check_dir(checkpoint)  # names a broken file even where transformers' own config parsing would fail first
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     if not switchable_layers(model):
         raise ValueError(f"{checkpoint} is not a switchable (double_rounding) checkpoint")

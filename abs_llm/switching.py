@@ -76,13 +76,19 @@ def set_bits(model: nn.Module, bits: int | dict[str, int], kernel: str | None = 
     else:
         check_bits(model, bits)
         plan = {n: bits for n in layers}
-    if kernel is not None:
-        for layer in layers.values():
-            layer.kernel = kernel
-    for name, b in plan.items():
-        layers[name].bits = b
-        if prepare:
-            layers[name].prepare()
+    before = {n: (m.bits, m.kernel) for n, m in layers.items()}
+    try:
+        if kernel is not None:
+            for layer in layers.values():
+                layer.kernel = kernel
+        for name, b in plan.items():
+            layers[name].bits = b
+            if prepare:
+                layers[name].prepare()  # may run out of memory half-way: then every layer goes back
+    except BaseException:
+        for name, (b, k) in before.items():
+            layers[name].bits, layers[name].kernel = b, k
+        raise
     _sync_config(model, layers, kernel)
     return model
 

@@ -130,9 +130,9 @@ def verify_config(file, header_meta: dict, config_path=None) -> None:
         return
     diff = _differences(saved, config_record(read_config(path)))
     if diff:
-        raise ValueError(f"{path}: {diff[:5]} differ{'s' if len(diff) == 1 else ''} from the config saved with the weights "
-                         f"in {Path(file).name} (edited or corrupted after save); re-save the model with save_pretrained, "
-                         "or load with ABS_LLM_VERIFY=0 if the edit is intended")
+        raise ValueError(f"{path} differs from the config recorded at save time in {file} ('{CONFIG_KEY}') in "
+                         f"{diff[:5]}: one of them was edited or corrupted after save; re-save the model with "
+                         "save_pretrained, or load with ABS_LLM_VERIFY=0 if the edit is intended")
 
 
 def file_digests(file) -> dict[str, str]:

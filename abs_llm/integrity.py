@@ -259,9 +259,8 @@ def _save_error(target: Path, e: BaseException) -> OSError:
     if code is None:
         m = re.search(r"os error (\d+)", str(e))
         code = int(m.group(1)) if m else None
-    msg = f"could not save to {target}: {e}; the previous contents of {target} are unchanged"
-    err = OSError(code, msg) if code else OSError(msg)
-    err.filename = str(target)
+    err = OSError(f"could not save to {target}: {e}; the previous contents of {target} are unchanged")
+    err.errno = code  # set after: OSError(code, msg) would print the code twice
     return err
 
 

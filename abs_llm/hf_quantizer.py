@@ -111,6 +111,16 @@ def _check_float_linears(model: nn.Module, targets: list[str]) -> None:
                 raise ValueError(f"layer {name} has NaN or inf {what}; refusing to quantize")
 
 
+def _warn_unconverted_weights(model: nn.Module) -> None:
+    """Fused MoE experts (Mixtral, Qwen-MoE...) are 3-D parameters, not Linear layers: they stay float. Say so."""
+    fused = {n: p.numel() for n, p in model.named_parameters() if p.dim() >= 3}
+    if fused:
+        share = sum(fused.values()) / sum(p.numel() for p in model.parameters())
+        logger.warning("%d weight tensor(s) of 3 or more dimensions (fused MoE experts, e.g. %s: %.0f%% of the "
+                       "parameters) stay in floating point: abs_llm converts Linear and Conv1D layers only",
+                       len(fused), next(iter(fused)), 100 * share)
+
+
 def _apply_config_bits(model: nn.Module, config: DoubleRoundingConfig) -> None:
     bits, layer_bits = config.bits, config.layer_bits  # read both first: set_bits rewrites the model's config
     set_bits(model, bits, kernel=getattr(config, "kernel", "auto"))
@@ -135,6 +145,7 @@ def quantize(model: nn.Module, config: DoubleRoundingConfig | None = None, train
         raise ValueError("no nn.Linear layer left to quantize after modules_to_not_convert; nothing was changed")
     _check_float_linears(model, targets)
     check_config_names(config, targets)
+    _warn_unconverted_weights(model)
     kw = layer_kwargs(config)
     old = replace_linears(model, targets, lambda name, lin: _switchable(name, lin, SwitchableLinear.from_linear(
         as_linear(lin), trainable=trainable, name=name, **kw)))
@@ -202,6 +213,12 @@ class DoubleRoundingHfQuantizer(HfQuantizer):
                                                                dtype=old.weight.dtype, **layer_kwargs(cfg)))
 
         replace_linears(model, targets, skeleton)
+        for name in targets:
+            # A parent's _init_weights may reach for child.weight by name (GPT-2 re-initialises c_proj.weight), which a
+            # frozen layer does not have. A parent holding no tensor of its own has nothing to initialise: skip it.
+            parent = model.get_submodule(name.rpartition(".")[0])
+            if next(parent.parameters(recurse=False), None) is None and next(parent.buffers(recurse=False), None) is None:
+                parent._is_hf_initialized = True
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -6,6 +6,8 @@ import logging
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import LlamaForCausalLM, TrainingArguments
 
 import abs_llm
@@ -212,3 +214,43 @@ def test_recipe_without_8_bit_candidate_builds_and_trains_one_step(tmp_path, tin
     model = load_checkpoint(tmp_path / "out", tokenizer=False)[0]
     assert get_bits(model) == quant["candidate_bits"][0]
     assert model.config.quantization_config.master_bits == quant.get("master_bits", 8)
+
+
+# ---- property: any map with one bad entry changes nothing; any valid map applies exactly ----------------------------
+_SHARED = {}
+
+
+def _shared_model():
+    if "m" not in _SHARED:
+        _SHARED["m"] = quantized()
+    return _SHARED["m"]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_set_bits_property_all_or_nothing(data):
+    RELIABILITY["property examples run"] += 1
+    model = _shared_model()
+    names = list(switchable_layers(model))
+    chosen = data.draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names)))
+    plan = {n: data.draw(st.sampled_from([8, 4, 2])) for n in chosen}
+    bad = data.draw(st.sampled_from(["none", "unknown layer", "bits 6", "bits bool", "bits str", "bits float", "kernel"]))
+    kernel = None
+    if bad == "unknown layer":
+        plan["model.layers.9.mlp.up_proj"] = 4
+    elif bad == "kernel":
+        kernel = "fastest"
+    elif bad != "none":
+        plan[data.draw(st.sampled_from(names))] = {"bits 6": 6, "bits bool": True, "bits str": "4", "bits float": 4.0}[bad]
+    before, bits_before = model_digest(model), get_bits(model)
+    if bad == "none":
+        set_bits(model, plan)
+        after = get_bits(model)
+        after = after if isinstance(after, dict) else {n: after for n in names}
+        base = bits_before if isinstance(bits_before, dict) else {n: bits_before for n in names}
+        assert after == {**base, **plan}
+        set_bits(model, 8)
+    else:
+        with pytest.raises(ValueError):
+            set_bits(model, plan, kernel=kernel)
+        assert model_digest(model) == before

@@ -254,3 +254,24 @@ def test_set_bits_property_all_or_nothing(data):
         with pytest.raises(ValueError):
             set_bits(model, plan, kernel=kernel)
         assert model_digest(model) == before
+
+
+def test_a_failing_kernel_falls_back_with_the_real_error_in_the_warning(monkeypatch, caplog):
+    """pack_checked catches every exception on purpose (a kernel must never take the model down); the WARNING names
+    the exception type and message so the real error is not hidden, and the result is the dequant reference."""
+    from abs_llm.kernels import common, dispatch
+
+    monkeypatch.setattr(common, "_said", set())
+    real = dispatch.pack
+
+    def pack(q, s, h, b, g, dtype, device, kernel):
+        if kernel != "dequant":
+            raise IndexError("simulated packer bug")
+        return real(q, s, h, b, g, dtype, device, kernel)
+
+    monkeypatch.setattr(dispatch, "pack", pack)
+    q = torch.randint(-128, 128, (8, 32), dtype=torch.int8)
+    s = torch.rand(8, 1) + 0.1
+    with caplog.at_level(logging.WARNING, logger="abs_llm"):
+        p = dispatch.pack_checked(q, s, 8, 4, None, torch.float32, "cpu", "int8pack")
+    assert p.kernel == "dequant" and "int8pack failed for (8, 32) at 4 bits (IndexError: simulated packer bug)" in caplog.text

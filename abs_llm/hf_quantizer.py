@@ -130,9 +130,9 @@ def _apply_config_bits(model: nn.Module, config: DoubleRoundingConfig) -> None:
 
 def quantize(model: nn.Module, config: DoubleRoundingConfig | None = None, trainable: bool = False) -> nn.Module:
     """Quantize a float model in memory, in place (torchao's ``quantize_(model, config)`` shape): every selected
-    ``nn.Linear`` (and GPT-2 ``Conv1D``) becomes a ``SwitchableLinear``. The model then saves and reloads like one loaded with
-    ``from_pretrained(..., quantization_config=config)``. ``trainable=True`` keeps float latent weights for QAT.
-    All or nothing: every layer is checked and converted before the model is changed, and a later failure puts the
+    ``nn.Linear`` (and GPT-2 ``Conv1D``) becomes a ``SwitchableLinear``. The model then saves and reloads like one
+    loaded with ``from_pretrained(..., quantization_config=config)``. ``trainable=True`` keeps float latent weights
+    for QAT. All or nothing: every layer is checked and converted before the model is changed, and a later failure puts the
     original layers back.
     """
     config = config or DoubleRoundingConfig()

@@ -287,6 +287,8 @@ def _install(tmp: Path, target: Path) -> Path | None:
 
 
 def atomic_save(save_fn, save_directory, **kwargs) -> None:
+    """``save_fn(hidden sibling, **kwargs)``, then digests and the config record into every shard's header, then the
+    swap into ``save_directory`` (see the module docstring); a failed write is an ``OSError`` naming the target."""
     from safetensors import SafetensorError
 
     target = Path(save_directory)

@@ -194,25 +194,38 @@ class SwitchableLinear(nn.Module):
     def to_trainable(self) -> "SwitchableLinear":
         """Switch to training mode: latent float weight ``= q_h * s_h`` (exact master value), learnable scale."""
         if not self.trainable:
-            w = core.dequantize(self.master(), self.weight_scale, self.master_bits, self.master_bits, self.group_size)
-            self.weight = nn.Parameter(w.to(self.weight_scale.device))
-            self.weight_master = None
-            self.weight_scale.requires_grad_(True)
-            self.invalidate_cache()
+            self._install_trainable(self._latent())
         return self
 
     def freeze(self) -> "SwitchableLinear":
         """Round the latent weight into the integer master with the learned scale; drop the float copy."""
         if self.trainable:
-            with torch.no_grad():
-                if not torch.isfinite(self.weight).all() or not torch.isfinite(self.weight_scale).all():
-                    raise ValueError("cannot freeze: NaN or inf in the latent weight or scale")
-                self.weight_scale.data.clamp_(min=torch.finfo(torch.float32).tiny)
-                q = core.quantize_master(self.weight, self.weight_scale, self.master_bits, self.group_size)
-            self.weight = None
-            self.weight_scale.requires_grad_(False)
-            self.set_master(q)
+            self._install_frozen(*self._rounded())
         return self
+
+    # to_trainable / freeze in two halves, so that convert_all can compute every layer before changing any
+    def _latent(self) -> torch.Tensor:
+        w = core.dequantize(self.master(), self.weight_scale, self.master_bits, self.master_bits, self.group_size)
+        return w.to(self.weight_scale.device)
+
+    def _install_trainable(self, w: torch.Tensor) -> None:
+        self.weight = nn.Parameter(w)
+        self.weight_master = None
+        self.weight_scale.requires_grad_(True)
+        self.invalidate_cache()
+
+    def _rounded(self, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            if not torch.isfinite(self.weight).all() or not torch.isfinite(self.weight_scale).all():
+                raise ValueError(f"cannot freeze {name or 'layer'}: NaN or inf in the latent weight or scale")
+            scale = self.weight_scale.detach().clamp(min=torch.finfo(torch.float32).tiny)
+            return core.quantize_master(self.weight, scale, self.master_bits, self.group_size), scale
+
+    def _install_frozen(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.weight = None
+        self.weight_scale.data = scale
+        self.weight_scale.requires_grad_(False)
+        self.set_master(q)
 
     def __getstate__(self):
         # packed weights hold kernel closures (not picklable) and are rebuilt on demand: never pickle the cache
@@ -247,3 +260,16 @@ class SwitchableLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"master_bits={self.master_bits}, bits={self.bits}, candidates={list(self.candidate_bits)}, "
                 f"group_size={self.group_size}, kernel={self._kernel}, {mode}")
+
+
+def convert_all(layers: dict[str, SwitchableLinear], trainable: bool) -> None:
+    """Every layer of ``layers`` to training mode (``trainable=True``) or frozen, or none of them: each layer's new
+    tensors are computed first (a NaN/inf latent weight is refused, naming the layer), then installed."""
+    if trainable:
+        staged = {n: m._latent() for n, m in layers.items() if not m.trainable}
+        for n, w in staged.items():
+            layers[n]._install_trainable(w)
+    else:
+        staged = {n: m._rounded(n) for n, m in layers.items() if m.trainable}
+        for n, (q, scale) in staged.items():
+            layers[n]._install_frozen(q, scale)

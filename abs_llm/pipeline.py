@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .config import DoubleRoundingConfig
-from .integrity import prepare_output_dir
+from .saving import prepare_output_dir
 from .results import DEFAULT_EVAL_CHUNKS
 
 
@@ -33,9 +33,11 @@ def load_checkpoint(checkpoint: str | os.PathLike, tokenizer: bool = True, token
     is not one is refused clearly."""
     from transformers import AutoModelForCausalLM
 
+    from .checkpoint import check_dir
     from .lineage import load_tokenizer
     from .switching import switchable_layers
 
+    check_dir(checkpoint)  # names a broken file even where transformers' own config parsing would fail first
     cfg = Path(checkpoint) / "config.json"
     if cfg.is_file() and '"double_rounding"' not in cfg.read_text(encoding="utf-8"):
         raise ValueError(f"{checkpoint} is not a switchable (double_rounding) checkpoint")

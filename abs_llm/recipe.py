@@ -98,8 +98,13 @@ def load_texts(data: dict) -> list[str]:
             kind = "json" if p.suffix in (".json", ".jsonl") else "text"
             try:
                 ds = datasets.load_dataset(kind, data_files=str(p), split="train")
-            except Exception as e:  # datasets' parse errors do not name the file
-                raise ValueError(f"cannot read dataset {source} as {kind}: {e}") from None
+            except (datasets.exceptions.DatasetsError, ValueError, OSError) as e:
+                # datasets says only "An error occurred while generating the dataset": name the file and the cause
+                root = e
+                while root.__cause__ is not None or root.__context__ is not None:
+                    root = root.__cause__ or root.__context__
+                cause = f" ({type(root).__name__}: {root})" if root is not e else ""
+                raise ValueError(f"cannot read dataset {source} as {kind}: {e}{cause}") from e
         else:
             ds = datasets.load_dataset(source, data.get("config"), split=data.get("split", "train"))
         if field not in ds.column_names:

@@ -93,14 +93,21 @@ def set_bits(model: nn.Module, bits: int | dict[str, int], kernel: str | None = 
     else:
         check_bits(model, bits)
         plan = {n: bits for n in layers}
-    if kernel is not None:
-        for layer in layers.values():
-            layer.kernel = kernel
+    before = {n: (m.bits, m.kernel) for n, m in layers.items()}
     set_one = SwitchableLinear.bits.fset  # the property setter (validates) without nn.Module.__setattr__'s checks
-    for name, b in plan.items():
-        set_one(layers[name], b)
-        if prepare:
-            layers[name].prepare()
+    try:
+        if kernel is not None:
+            for layer in layers.values():
+                layer.kernel = kernel
+        for name, b in plan.items():
+            set_one(layers[name], b)
+            if prepare:
+                layers[name].prepare()  # may run out of memory half-way: then every layer goes back
+    except BaseException:
+        for name, (b, k) in before.items():
+            set_one(layers[name], b)
+            layers[name].kernel = k
+        raise
     _sync_config(model, layers, kernel)
     return model
 

@@ -126,6 +126,24 @@ def qckpt(tiny_llama, tmp_path):
     return path
 
 
+def model_digest(model) -> str:
+    """SHA-256 of everything a refused call must leave as it was: every state-dict tensor (name, dtype, shape, bytes,
+    requires_grad), every module's type, and each SwitchableLinear's bits, kernel and mode."""
+    import hashlib
+
+    from abs_llm import SwitchableLinear
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict(keep_vars=True).items():
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{t.requires_grad}".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for name, m in model.named_modules():
+        h.update(f"{name}|{type(m).__name__}".encode())
+        if isinstance(m, SwitchableLinear):
+            h.update(f"|{m.bits}|{m.kernel}|{m.trainable}".encode())
+    return h.hexdigest()
+
+
 def pytest_terminal_summary(terminalreporter):
     from tests._report import RELIABILITY
 

@@ -45,3 +45,19 @@ def test_recipe_with_hasb_estimates_traces(tiny_lm_dir, tmp_path):
     assert set(traces) == set(switchable_layers(tr.model)) and all(map(lambda t: t == t, traces.values()))
     tr.train()
     assert "hasb_mean_bits" in tr.state.log_history[0]
+
+
+@pytest.mark.parametrize("content,root_cause", [(b'{"text": "a"}\n{"text": \n', "ValueError"),
+                                                (bytes(range(128, 256)) * 8, "UnicodeDecodeError")])
+def test_unreadable_dataset_names_the_file_and_the_root_cause(tmp_path, content, root_cause):
+    """datasets reports only "An error occurred while generating the dataset": the error names the file and the
+    underlying parse error, and keeps datasets' exception as its cause."""
+    from abs_llm.recipe import load_texts
+    from tests._report import RELIABILITY
+
+    f = tmp_path / ("d.jsonl" if content.startswith(b"{") else "d.txt")
+    f.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"cannot read dataset {f} as .*\({root_cause}: ") as e:
+        load_texts({"source": str(f)})
+    assert type(e.value.__cause__).__name__ == "DatasetGenerationError"
+    RELIABILITY["bad inputs tried"] += 1

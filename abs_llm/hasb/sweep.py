@@ -132,7 +132,7 @@ def search_checkpoint(checkpoint, out, avg_bits: float | None = None, size_bytes
     from transformers import AutoModelForCausalLM
 
     from ..data import default_corpus
-    from ..integrity import prepare_output_dir
+    from ..saving import prepare_output_dir
     from ..lineage import load_tokenizer
 
     if avg_bits is None and size_bytes is None and not sweep_bits:

@@ -138,7 +138,7 @@ def pack_checked(q_master, scale, master_bits, bits, group_size, dtype, device, 
             if not torch.allclose(got, want, rtol=3e-2, atol=3e-2 * float(want.abs().max()) + 1e-6):
                 raise RuntimeError("self-check against dequant failed")
         return p
-    except Exception as e:  # a kernel problem must never take the model down
-        say_once(f"abs_llm kernels: {kernel} failed for {tuple(q_master.shape)} at {bits} bits ({e}); using dequant",
-                 logging.WARNING)
+    except Exception as e:  # a kernel problem must never take the model down; the WARNING carries the real error
+        say_once(f"abs_llm kernels: {kernel} failed for {tuple(q_master.shape)} at {bits} bits ({type(e).__name__}: "
+                 f"{e}); using dequant", logging.WARNING)
         return pack(q_master, scale, master_bits, bits, group_size, dtype, device, "dequant")

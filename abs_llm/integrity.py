@@ -29,6 +29,8 @@ CONFIG_KEY = "abs_llm.config"
 # quantization_config fields a user may change after save (they choose how the stored weights run, not what they are):
 # left out of the config record, and validated by DoubleRoundingConfig / the loader instead.
 RUNTIME_QUANT_KEYS = ("bits", "layer_bits", "kernel", "hessian_traces")
+# top-level config.json fields that describe where a checkpoint came from, not what it computes (lineage.py)
+LINEAGE_KEYS = ("abs_llm_source",)
 _verify_override: bool | None = None
 # Weight files that transformers itself removes when it re-saves into a folder: never carried over from the old copy.
 _WEIGHT_FILE = re.compile(r"^(model|pytorch_model|adapter_model).*\.(safetensors|bin)$|.*\.index\.json$")
@@ -92,7 +94,7 @@ def read_config(path) -> dict:
 
 def config_record(cfg: dict) -> dict:
     """The part of a ``config.json`` that defines the model (see :data:`RUNTIME_QUANT_KEYS`)."""
-    out = dict(cfg)
+    out = {k: v for k, v in cfg.items() if k not in LINEAGE_KEYS}
     q = out.get("quantization_config")
     if isinstance(q, dict):
         out["quantization_config"] = {k: v for k, v in q.items() if k not in RUNTIME_QUANT_KEYS}

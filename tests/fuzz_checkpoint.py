@@ -307,16 +307,19 @@ def _run_batch(mode, seed, n, only, refs, models, work, out) -> None:
             rec["outcome"] = "identical" if why is None else f"BAD silent load: {why}"
         except _Timeout:
             rec["outcome"] = f"BAD hang: over {CASE_TIMEOUT} s"
-        except (ValueError, OSError) as e:
-            signal.alarm(0)
-            named = str(work / target) in str(e) or (target == "config.json" and "config.json" in str(e))
-            rec["outcome"] = "refused" if named else "BAD message does not name the file"
-            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         except Exception as e:  # noqa: BLE001  (classifying every outcome is the point here)
             signal.alarm(0)
             frames = [f.filename for f in traceback.extract_tb(e.__traceback__)]
             ours = any(f"{os.sep}abs_llm{os.sep}" in f for f in frames)
-            rec["outcome"] = "transformers" if mode == "plain" and not ours else f"BAD {type(e).__name__}"
+            named = str(work / target) in str(e) or (target == "config.json" and "config.json" in str(e))
+            if isinstance(e, (ValueError, OSError)) and named:
+                rec["outcome"] = "refused"
+            elif mode == "plain" and not ours:  # transformers' own config parser refused it before abs_llm ran
+                rec["outcome"] = "transformers"
+            elif isinstance(e, (ValueError, OSError)):
+                rec["outcome"] = "BAD message does not name the file"
+            else:
+                rec["outcome"] = f"BAD {type(e).__name__}"
             rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         out.write(json.dumps(rec) + "\n")
         out.flush()

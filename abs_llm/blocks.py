@@ -13,8 +13,12 @@ import torch
 def read_text_file(path: Path, field: str = "text") -> list[str]:
     """Rows of a local file, as ``datasets.load_dataset("text"|"json")`` would give them: a ``.txt`` file one row
     per line; a ``.json``/``.jsonl`` file a JSON list of records or one record per line, the text in ``field``."""
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix not in (".json", ".jsonl"):
+    kind = "json" if path.suffix in (".json", ".jsonl") else "text"
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"cannot read dataset {path} as {kind}: not UTF-8 text ({type(e).__name__}: {e})") from e
+    if kind == "text":
         return raw.splitlines()
     try:
         records = json.loads(raw)
@@ -24,7 +28,7 @@ def read_text_file(path: Path, field: str = "text") -> list[str]:
         try:
             records = [json.loads(line) for line in raw.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
-            raise ValueError(f"cannot read dataset {path} as json: {e}") from None
+            raise ValueError(f"cannot read dataset {path} as json: bad JSON ({type(e).__name__}: {e})") from e
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise ValueError(f"dataset {path} must hold a JSON list of records or one JSON record per line")
     columns = sorted({k for r in records for k in r})

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import torch
 
 from . import core
-from .integrity import verify_enabled, verify_file
+from .integrity import meta_json, read_config, read_header, verify_config, verify_enabled, verify_file
 
 FORMAT_VERSION = 1
 META_PREFIX = "abs_llm."
@@ -98,23 +99,28 @@ def guard_patterns(names) -> set[str]:
 
 
 # ---- load ------------------------------------------------------------------------------------------------------------
-def _read_headers(files) -> tuple[dict, dict]:
-    from safetensors import safe_open
+def _read_headers(files) -> tuple[dict, dict, dict]:
+    """``({tensor: (dtype, shape)}, {file: metadata}, {tensor: file})`` of safetensors ``files``; every problem is a
+    ``ValueError`` naming its file."""
+    from safetensors import SafetensorError, safe_open
 
     header: dict[str, tuple[str, list[int]]] = {}
     file_meta: dict = {}
+    owner: dict = {}
     for f in files:
         if not str(f).endswith(".safetensors"):
             raise ValueError(f"double_rounding checkpoints must be safetensors; got {f}")
+        read_header(f)  # our own parser first: its errors say what is wrong with the header, and name the file
         try:
             with safe_open(f, framework="pt") as sf:
                 file_meta[f] = sf.metadata() or {}
                 for k in sf.keys():
                     sl = sf.get_slice(k)
                     header[k] = (sl.get_dtype(), list(sl.get_shape()))
-        except Exception as e:  # safetensors raises its own error type for truncated/garbled files
+                    owner[k] = f
+        except (SafetensorError, OSError) as e:
             raise ValueError(f"{f}: unreadable safetensors file (truncated or corrupted?): {e}") from e
-    return header, file_meta
+    return header, file_meta, owner
 
 
 def _check_metadata(meta: dict, config, shapes: dict[str, tuple[int, int]], where) -> None:
@@ -124,40 +130,42 @@ def _check_metadata(meta: dict, config, shapes: dict[str, tuple[int, int]], wher
     version = get("format_version")
     if version is None:
         raise ValueError(f"{where}: safetensors metadata lacks '{META_PREFIX}format_version'; not an abs_llm checkpoint")
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
-        raise ValueError(f"checkpoint format_version {version} is newer than supported ({FORMAT_VERSION}); upgrade abs_llm")
+    if not re.fullmatch(r"[0-9]{1,6}", version) or int(version) < 1:
+        raise ValueError(f"{where}: unreadable checkpoint format_version {version!r}")
+    if int(version) > FORMAT_VERSION:
+        raise ValueError(f"{where}: checkpoint format_version {version} is newer than supported ({FORMAT_VERSION}); "
+                         "upgrade abs_llm")
     for key, expected in (("quant_method", config.quant_method), ("master_bits", str(config.master_bits)),
                           ("group_size", json.dumps(config.group_size))):
         if get(key) != expected:
-            raise ValueError(f"checkpoint metadata {key}={get(key)} disagrees with config.json ({expected})")
-    try:
-        cands = json.loads(get("candidate_bits") or "null")
-        layer_bits = json.loads(get("layer_bits") or "null")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: unreadable abs_llm metadata ({e})") from None
-    if not isinstance(cands, list) or sorted(cands) != sorted(config.candidate_bits):
-        raise ValueError(f"checkpoint metadata candidate_bits={cands} disagrees with config.json "
+            raise ValueError(f"{where}: checkpoint metadata {key}={get(key)} disagrees with config.json ({expected})")
+    cands = meta_json(where, meta, META_PREFIX + "candidate_bits", list)
+    layer_bits = meta_json(where, meta, META_PREFIX + "layer_bits", dict)
+    if cands is None or not all(type(b) is int for b in cands) or sorted(cands) != sorted(config.candidate_bits):
+        raise ValueError(f"{where}: checkpoint metadata candidate_bits={cands} disagrees with config.json "
                          f"({list(config.candidate_bits)})")
-    if not isinstance(layer_bits, dict) or set(layer_bits) != set(shapes):
+    if layer_bits is None or set(layer_bits) != set(shapes):
         extra = sorted(set(layer_bits or {}) - set(shapes))[:3]
         missing = sorted(set(shapes) - set(layer_bits or {}))[:3]
-        raise ValueError(f"checkpoint metadata layer_bits names other layers than config.json converts (in the header "
-                         f"only: {extra}; converted but not in the header: {missing}); modules_to_not_convert differs?")
-    bad = {n: b for n, b in layer_bits.items() if b not in config.candidate_bits}
+        raise ValueError(f"{where}: checkpoint metadata layer_bits names other layers than config.json converts (in the "
+                         f"header only: {extra}; converted but not in the header: {missing}); modules_to_not_convert "
+                         "differs?")
+    bad = {n: b for n, b in layer_bits.items() if type(b) is not int or b not in config.candidate_bits}
     if bad:
-        raise ValueError(f"checkpoint metadata layer_bits {dict(list(bad.items())[:3])} are not candidate bit-widths "
-                         f"{list(config.candidate_bits)}")
+        raise ValueError(f"{where}: checkpoint metadata layer_bits {dict(list(bad.items())[:3])} are not candidate "
+                         f"bit-widths {list(config.candidate_bits)}")
 
 
 def check_files(files, config, shapes: dict[str, tuple[int, int]]) -> None:
     """Compare the safetensors headers of ``files`` with what ``config`` implies for the layers ``shapes``
     (``{name: (out_features, in_features)}``), before any tensor is loaded; then verify the digests."""
-    header, file_meta = _read_headers(files)
-    meta = {}
-    for m in file_meta.values():
-        meta.update(m)
-    _check_metadata(meta, config, shapes, files[0])
-    problems = []
+    header, file_meta, owner = _read_headers(files)
+    if verify_enabled():  # first: an edited config.json explains every disagreement below
+        for f, m in file_meta.items():
+            verify_config(f, m)
+    for f, m in file_meta.items():
+        _check_metadata(m, config, shapes, f)
+    problems = []  # (tensor, what is wrong)
     for name, (out_f, in_f) in shapes.items():
         dtype, shape = master_layout(out_f, in_f, config.master_bits)
         expect = {
@@ -167,16 +175,58 @@ def check_files(files, config, shapes: dict[str, tuple[int, int]]) -> None:
         for key, (dt, shp) in expect.items():
             got = header.get(key)
             if got is None:
-                problems.append(f"missing tensor {key}")
+                problems.append((key, f"missing tensor {key}"))
             elif got != (dt, shp):
-                problems.append(f"{key}: dtype/shape {got[0]}{got[1]}, expected {dt}{shp}")
-    guard = meta.get(GUARD_META_KEY)
+                problems.append((key, f"{key}: dtype/shape {got[0]}{got[1]}, expected {dt}{shp}"))
+    guards = {m.get(GUARD_META_KEY) for m in file_meta.values()}
     stray = [k for k in header if k.endswith(".weight") and k[: -len(".weight")] in shapes
-             and not (k == guard and header[k][1] == [0])]
-    problems += [f"unexpected float weight {k} for a quantized layer" for k in stray]
+             and not (k in guards and header[k][1] == [0])]
+    problems += [(k, f"unexpected float weight {k} for a quantized layer") for k in stray]
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
-        raise ValueError(f"checkpoint does not match its double_rounding config: {shown}")
+        shown = "; ".join(t for _, t in problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
+        where = sorted({str(owner.get(k, files[0])) for k, _ in problems[:5]})
+        raise ValueError(f"{', '.join(where)}: checkpoint does not match its double_rounding config: {shown}")
     if verify_enabled():
         for f, m in file_meta.items():
             verify_file(f, m)
+
+
+# ---- before transformers builds the model ---------------------------------------------------------------------------
+def weight_files(directory) -> list[Path]:
+    """The weight shards of a local checkpoint folder, as transformers names them."""
+    return sorted(Path(directory).glob("model*.safetensors"))
+
+
+def _header_meta(file) -> dict:
+    meta = read_header(file)[0].get("__metadata__")
+    return meta if isinstance(meta, dict) else {}  # a malformed one is safetensors' to refuse, at load
+
+
+def check_config_file(directory) -> None:
+    """Refuse a local checkpoint whose ``config.json`` differs from the config recorded with its weights. Called from
+    the quantizer before transformers builds the model, so a corrupted value is named instead of crashing the model's
+    constructor; a no-op for remote ids and for checkpoints saved without a record."""
+    if not directory or not Path(directory).is_dir() or not verify_enabled():
+        return
+    for f in weight_files(directory):
+        verify_config(f, _header_meta(f))
+
+
+def check_dir(directory) -> None:
+    """Everything about a local checkpoint folder that can be checked before ``from_pretrained`` parses its
+    ``config.json``: readable headers, a ``double_rounding`` ``quantization_config`` when the weights are a switchable
+    checkpoint, and the config record (see :func:`check_config_file`). ``pipeline.load_checkpoint`` calls it, so the CLI
+    names the broken file even where transformers' own config parsing would fail first."""
+    d = Path(directory)
+    files = weight_files(d) if d.is_dir() else []
+    ours = [f for f in files if META_PREFIX + "format_version" in _header_meta(f)]
+    if not ours:
+        return
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{d}: no config.json next to the switchable checkpoint {ours[0].name}")
+    q = read_config(cfg_path).get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != "double_rounding":
+        raise ValueError(f"{cfg_path}: no double_rounding quantization_config, but {ours[0].name} holds a switchable "
+                         "checkpoint (config.json edited or corrupted?)")
+    check_config_file(d)

@@ -9,6 +9,7 @@ import json
 import sys
 
 from .core import DEFAULT_CANDIDATE_BITS, DEFAULT_GROUP_SIZE, DEFAULT_MASTER_BITS
+from .results import DEFAULT_EVAL_CHUNKS
 
 
 def _bits_list(text: str) -> list[int]:
@@ -27,6 +28,18 @@ def _group_size(text: str):
         raise argparse.ArgumentTypeError(f"group size must be an integer or 'none', got {text!r}") from None
 
 
+def _eval_flags(p, tokenizer_only: bool = False):
+    """--tokenizer for every verb that needs one; --no-eval / --eval-chunks for those that store eval_results.json."""
+    p.add_argument("--tokenizer", default=None, help="tokenizer path or HF id (default: the checkpoint's, else its source"
+                                                     " model's)")
+    if tokenizer_only:
+        return
+    p.add_argument("--no-eval", action="store_true", help="skip the per-width PPL stored as eval_results.json")
+    p.add_argument("--eval-chunks", type=lambda t: None if t.lower() in ("all", "none") else int(t),
+                   default=DEFAULT_EVAL_CHUNKS, help="held-out windows of 512 tokens per width for eval_results.json"
+                                                     f" (default {DEFAULT_EVAL_CHUNKS}; 'all')")
+
+
 # ---- quantize ---------------------------------------------------------------------------------------------------------
 def add_quantize(sub):
     p = sub.add_parser("quantize", help="float model (HF id/path, default: embedded SmolLM2) -> switchable checkpoint")
@@ -38,6 +51,7 @@ def add_quantize(sub):
     p.add_argument("--group-size", type=_group_size, default=DEFAULT_GROUP_SIZE,
                    help="power of two in [16, 1024], or 'none'")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    _eval_flags(p)
     p.set_defaults(func=run_quantize)
 
 
@@ -47,7 +61,8 @@ def run_quantize(args):
 
     cfg = DoubleRoundingConfig(bits=args.bits, candidate_bits=args.candidate_bits, master_bits=args.master_bits,
                                group_size=args.group_size)
-    out = quantize_to_dir(args.model, args.out, cfg, overwrite=args.overwrite)
+    out = quantize_to_dir(args.model, args.out, cfg, overwrite=args.overwrite, tokenizer=args.tokenizer,
+                          evaluate=not args.no_eval, eval_chunks=args.eval_chunks)
     print(f"wrote switchable checkpoint {out} (from {args.model or 'the embedded SmolLM2-135M-Instruct'}; master "
           f"INT{cfg.master_bits}, bits {cfg.candidate_bits})")
 
@@ -69,6 +84,9 @@ def add_eval(sub):
                                                       " instead of the Lee held-out split")
     p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
     p.add_argument("--max-length", type=int, default=None, help="lm-eval context window (default: the model's)")
+    p.add_argument("--save", action="store_true", help="also store the results in CHECKPOINT/eval_results.json + .md"
+                                                       " (the model card uses them)")
+    _eval_flags(p, tokenizer_only=True)
     p.set_defaults(func=run_eval)
 
 
@@ -78,8 +96,11 @@ def run_eval(args):
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     rows, table = evaluate_checkpoint(args.checkpoint, args.bits, args.split, args.seq_len, args.max_chunks,
                                       tasks=args.tasks, limit=limit, text_file=args.text_file,
-                                      batch_size=args.batch_size, max_length=args.max_length)
+                                      batch_size=args.batch_size, max_length=args.max_length, tokenizer=args.tokenizer,
+                                      save=args.save)
     print(json.dumps(rows, indent=2) if args.json else table)
+    if args.save:
+        print(f"stored in {args.checkpoint}/eval_results.json and eval_results.md", file=sys.stderr)
 
 
 # ---- export -----------------------------------------------------------------------------------------------------------
@@ -108,7 +129,9 @@ def add_push(sub):
     p.add_argument("--private", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="write the upload folder to --out, upload nothing")
     p.add_argument("--out", default=None, help="with --dry-run: where the upload folder goes")
-    p.add_argument("--results", default=None, help="JSON from `abs-llm eval --json` for the model card table")
+    p.add_argument("--results", default=None, help="JSON from `abs-llm eval --json` for the model card table (default:"
+                                                   " the checkpoint's eval_results.json, else measured on the copy)")
+    _eval_flags(p)
     p.set_defaults(func=run_push)
 
 
@@ -116,7 +139,8 @@ def run_push(args):
     from .hub import push
 
     where = push(args.checkpoint, args.repo_id, private=args.private, dry_run=args.dry_run, out=args.out,
-                 results=args.results)
+                 results=args.results, evaluate=not args.no_eval, tokenizer=args.tokenizer,
+                 eval_chunks=args.eval_chunks)
     print(f"dry run: wrote the upload folder {where} (nothing uploaded)" if args.dry_run else f"uploaded to {where}")
 
 
@@ -144,6 +168,7 @@ def add_train(sub):
     p.add_argument("--output-dir", default=None, help="override output_dir; receives the final switchable checkpoint")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if OUTPUT_DIR holds checkpoint-* dirs")
     p.add_argument("--resume-from", default=None, help="resume from this Trainer checkpoint directory")
+    _eval_flags(p)
     p.set_defaults(func=run_train)
 
 
@@ -151,7 +176,8 @@ def run_train(args):
     from .recipe import train
 
     resume = args.resume_from or (not args.no_resume)
-    trainer = train(args.recipe, max_steps=args.max_steps, output_dir=args.output_dir, resume=resume)
+    trainer = train(args.recipe, max_steps=args.max_steps, output_dir=args.output_dir, resume=resume,
+                    tokenizer=args.tokenizer, evaluate=not args.no_eval, eval_chunks=args.eval_chunks)
     if trainer.args.should_save:
         print(f"wrote switchable checkpoint {trainer.args.output_dir} (trained on world_size={trainer.args.world_size})")
 
@@ -187,6 +213,7 @@ def add_search(sub):
     p.add_argument("--split", default="eval", choices=["train", "eval"], help="sweep PPL split (default held-out)")
     p.add_argument("--max-chunks", type=int, default=None, help="cap sweep PPL windows")
     p.add_argument("--overwrite", action="store_true")
+    _eval_flags(p)
     p.set_defaults(func=run_search)
 
 
@@ -198,7 +225,8 @@ def run_search(args):
         recompute=args.recompute, method=args.method, calib_docs=args.calib_docs, calib_seq_len=args.calib_seq_len,
         calib_batch_size=args.calib_batch_size, calib_batches=args.calib_batches, n_samples=args.n_samples,
         seed=args.seed, sweep_bits=args.sweep_bits if args.sweep else None, split=args.split,
-        max_chunks=args.max_chunks, overwrite=args.overwrite)
+        max_chunks=args.max_chunks, overwrite=args.overwrite, tokenizer=args.tokenizer, evaluate=not args.no_eval,
+        eval_chunks=args.eval_chunks)
     print(f"traces: {report['traces_source']}")
     if "avg_bits" in report:
         print(f"wrote {args.out}: average {report['avg_bits']:.3f} bits, {report['bytes'] / 1e6:.1f} MB")

@@ -52,7 +52,9 @@ def token_windows(tokenizer, texts: Sequence[str] | str, seq_len: int = 512, max
     text = _JOIN.join(texts)
     try:  # verbose=False: the joined corpus may exceed model_max_length; that warning is irrelevant here
         encoded = tokenizer(text, add_special_tokens=False, verbose=False)
-    except TypeError:
+    except TypeError as e:
+        if "verbose" not in str(e):  # only a tokenizer without the keyword is retried; any other error is the user's
+            raise
         encoded = tokenizer(text, add_special_tokens=False)
     ids = torch.as_tensor(encoded["input_ids"], dtype=torch.long).flatten()
     n = ids.numel()

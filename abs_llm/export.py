@@ -91,6 +91,10 @@ def export_compressed_tensors(model, out, bits: int, source_dir=None) -> Path:
     from safetensors.torch import save_file
 
     layers = _check(model, bits, "compressed-tensors")
+    conv = [n for n, m in layers.items() if getattr(m, "conv1d", False)]
+    if conv:
+        raise ValueError(f"compressed-tensors replaces nn.Linear layers, but {conv[0]} (and {len(conv) - 1} more) was a "
+                         "GPT-2-style Conv1D; export this model with --format hf-dense")
     short = [n for n, m in layers.items() if m.group_size is not None and m.in_features % m.group_size]
     if short:
         m = layers[short[0]]
@@ -124,8 +128,16 @@ def dense_copy(model, bits: int):
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
     def to_linear(name, m):
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        lin.weight = nn.Parameter(m.derived_weight(bits, dtype).detach().clone(), requires_grad=False)
+        w = m.derived_weight(bits, dtype).detach()
+        if getattr(m, "conv1d", False):  # back to the module the model was built with (weight stored (in, out))
+            from transformers.pytorch_utils import Conv1D
+
+            with torch.device("meta"):
+                lin = Conv1D(m.out_features, m.in_features)  # always has a bias, as did the layer it came from
+            lin.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
+        else:
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            lin.weight = nn.Parameter(w.clone(), requires_grad=False)
         if m.bias is not None:
             lin.bias = nn.Parameter(m.bias.detach().clone().to(dtype), requires_grad=False)
         return lin
@@ -160,7 +172,7 @@ def export(model, out, bits: int, fmt: str, source_dir=None) -> Path:
 def export_checkpoint(checkpoint, out, bits: int, fmt: str, overwrite: bool = False) -> Path:
     """``abs-llm export``: load a switchable checkpoint and write its ``bits`` snapshot in ``fmt`` to ``out`` (the format
     and the output folder are checked before the slow load)."""
-    from .integrity import prepare_output_dir
+    from .saving import prepare_output_dir
     from .pipeline import load_checkpoint
 
     if fmt not in FORMATS:

@@ -17,12 +17,13 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from . import checkpoint
 from .config import DoubleRoundingConfig
-from .integrity import install_atomic_save
+from .saving import install_atomic_save
 from .layers import SwitchableLinear
 from .switching import set_bits, switchable_layers
 
@@ -34,7 +35,7 @@ def resolve_modules_to_not_convert(model: nn.Module, config: DoubleRoundingConfi
     skips = HfQuantizer.get_modules_to_not_convert(
         model, config.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None), add_default_skips=True
     )
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, SwitchableLinear))]
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D, SwitchableLinear))]
     for pattern in config.modules_to_not_convert or []:
         if all(should_convert_module(n, [pattern]) for n in names):
             logger.warning("modules_to_not_convert entry %r matches no Linear layer of the model; ignored", pattern)
@@ -42,21 +43,60 @@ def resolve_modules_to_not_convert(model: nn.Module, config: DoubleRoundingConfi
 
 
 def linears_to_convert(model: nn.Module, skips: list[str]) -> list[str]:
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear and should_convert_module(n, skips)]
+    """Names of the ``nn.Linear`` layers, and GPT-2-style ``Conv1D`` layers (a Linear with a transposed weight), that
+    ``skips`` leaves to convert."""
+    return [n for n, m in model.named_modules() if type(m) in (nn.Linear, Conv1D) and should_convert_module(n, skips)]
+
+
+def in_out(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear or a ``Conv1D`` (weight ``(in, out)``)."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def as_linear(module: nn.Module) -> nn.Module:
+    """A ``Conv1D`` as the ``nn.Linear`` it computes (``x @ W + b`` = ``x @ (W^T)^T + b``): its weight transposed into
+    a copy. Anything else unchanged."""
+    if not isinstance(module, Conv1D):
+        return module
+    w = module.weight.detach()
+    lin = nn.Linear(w.shape[0], w.shape[1], bias=module.bias is not None, device="meta")
+    lin.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
+    if module.bias is not None:
+        lin.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return lin
+
+
+def _switchable(name: str, old: nn.Module, layer: SwitchableLinear) -> SwitchableLinear:
+    layer.conv1d = isinstance(old, Conv1D)  # export writes such a layer back as a Conv1D
+    return layer
 
 
 def layer_kwargs(config: DoubleRoundingConfig) -> dict:
     return dict(master_bits=config.master_bits, candidate_bits=tuple(config.candidate_bits), group_size=config.group_size)
 
 
-def replace_linears(model: nn.Module, names: list[str], make: Callable[[str, nn.Module], nn.Module]) -> None:
-    """Replace each module ``names[i]`` by ``make(name, old)``. Every replacement is built before the first one is
-    installed, so an error in ``make`` leaves the model untouched. Serves quantize-on-load, ``quantize``, loading a
-    pre-quantized checkpoint (meta skeletons) and export (back to ``nn.Linear``)."""
+def replace_linears(model: nn.Module, names: list[str], make: Callable[[str, nn.Module], nn.Module]) -> dict:
+    """Replace each module ``names[i]`` by ``make(name, old)``; returns ``{name: old module}`` (pass it back here to
+    undo). Every replacement is built before the first one is installed, so an error in ``make`` leaves the model
+    untouched. Serves quantize-on-load, ``quantize``, loading a pre-quantized checkpoint (meta skeletons) and export
+    (back to ``nn.Linear``)."""
     new = {name: make(name, model.get_submodule(name)) for name in names}
+    old = {name: model.get_submodule(name) for name in names}
     for name, module in new.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
+    return old
+
+
+def check_config_names(config: DoubleRoundingConfig, targets: list[str], where: str = "config") -> None:
+    """``layer_bits`` and ``hessian_traces`` may only name layers that are converted."""
+    for field in ("layer_bits", "hessian_traces"):
+        unknown = sorted(set(getattr(config, field, None) or {}) - set(targets))
+        if unknown:
+            raise ValueError(f"{where} {field} names {len(unknown)} layer(s) that are not converted, e.g. {unknown[:3]};"
+                             f" converted layers are e.g. {targets[:3]} ({len(targets)} in all)")
 
 
 def _check_float_linears(model: nn.Module, targets: list[str]) -> None:
@@ -71,6 +111,31 @@ def _check_float_linears(model: nn.Module, targets: list[str]) -> None:
                 raise ValueError(f"layer {name} has NaN or inf {what}; refusing to quantize")
 
 
+def mark_offloaded(model: nn.Module) -> list[str]:
+    """Flag every SwitchableLinear under an accelerate offload hook (``device_map`` with "cpu"/"disk" next to an
+    accelerator, or ``accelerate.cpu_offload``): it then packs its width at each forward and caches nothing, so the
+    offloaded tensors are not kept in memory between forwards. ``from_pretrained`` calls this; call it yourself after
+    attaching hooks by hand. Returns the flagged layer names."""
+    hooked = [n for n, m in model.named_modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+    flagged = []
+    for name, layer in switchable_layers(model).items():
+        layer.offloaded = any(not h or name == h or name.startswith(h + ".") for h in hooked)
+        if layer.offloaded:
+            layer.invalidate_cache()
+            flagged.append(name)
+    return flagged
+
+
+def _warn_unconverted_weights(model: nn.Module) -> None:
+    """Fused MoE experts (Mixtral, Qwen-MoE...) are 3-D parameters, not Linear layers: they stay float. Say so."""
+    fused = {n: p.numel() for n, p in model.named_parameters() if p.dim() >= 3}
+    if fused:
+        share = sum(fused.values()) / sum(p.numel() for p in model.parameters())
+        logger.warning("%d weight tensor(s) of 3 or more dimensions (fused MoE experts, e.g. %s: %.0f%% of the "
+                       "parameters) stay in floating point: abs_llm converts Linear and Conv1D layers only",
+                       len(fused), next(iter(fused)), 100 * share)
+
+
 def _apply_config_bits(model: nn.Module, config: DoubleRoundingConfig) -> None:
     bits, layer_bits = config.bits, config.layer_bits  # read both first: set_bits rewrites the model's config
     set_bits(model, bits, kernel=getattr(config, "kernel", "auto"))
@@ -80,9 +145,10 @@ def _apply_config_bits(model: nn.Module, config: DoubleRoundingConfig) -> None:
 
 def quantize(model: nn.Module, config: DoubleRoundingConfig | None = None, trainable: bool = False) -> nn.Module:
     """Quantize a float model in memory, in place (torchao's ``quantize_(model, config)`` shape): every selected
-    ``nn.Linear`` becomes a ``SwitchableLinear``. The model then saves and reloads like one loaded with
-    ``from_pretrained(..., quantization_config=config)``. ``trainable=True`` keeps float latent weights for QAT.
-    All or nothing: every layer is checked and converted before the model is changed.
+    ``nn.Linear`` (and GPT-2 ``Conv1D``) becomes a ``SwitchableLinear``. The model then saves and reloads like one
+    loaded with ``from_pretrained(..., quantization_config=config)``. ``trainable=True`` keeps float latent weights
+    for QAT. All or nothing: every layer is checked and converted before the model is changed, and a later failure puts the
+    original layers back.
     """
     config = config or DoubleRoundingConfig()
     if not isinstance(config, DoubleRoundingConfig):
@@ -94,12 +160,21 @@ def quantize(model: nn.Module, config: DoubleRoundingConfig | None = None, train
     if not targets:
         raise ValueError("no nn.Linear layer left to quantize after modules_to_not_convert; nothing was changed")
     _check_float_linears(model, targets)
+    check_config_names(config, targets)
+    _warn_unconverted_weights(model)
     kw = layer_kwargs(config)
-    replace_linears(model, targets, lambda name, lin: SwitchableLinear.from_linear(lin, trainable=trainable, name=name,
-                                                                                   **kw))
-    config.modules_to_not_convert = skips
-    _apply_config_bits(model, config)
-    _attach(model, config)
+    old = replace_linears(model, targets, lambda name, lin: _switchable(name, lin, SwitchableLinear.from_linear(
+        as_linear(lin), trainable=trainable, name=name, **kw)))
+    saved = {k: getattr(config, k) for k in ("modules_to_not_convert", "bits", "layer_bits", "kernel")}
+    try:
+        config.modules_to_not_convert = skips
+        _apply_config_bits(model, config)
+        _attach(model, config)
+    except BaseException:  # nothing above is expected to fail after the checks; if it does, undo the conversion
+        replace_linears(model, list(old), lambda name, new: old[name])
+        for key, value in saved.items():
+            setattr(config, key, value)
+        raise
     return model
 
 
@@ -108,6 +183,11 @@ def _attach(model: nn.Module, config: DoubleRoundingConfig) -> None:
     if not hasattr(model, "config"):
         return
     model.config.quantization_config = config
+    if not getattr(model.config, "abs_llm_source", None):  # lineage: what this model was quantized from
+        from .lineage import describe_source, record_source
+
+        name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+        record_source(model, describe_source(name) if name else {"base_model": None, "path": None})
     model.hf_quantizer = DoubleRoundingHfQuantizer(config, pre_quantized=False)
     model.is_quantized = True
     model.quantization_method = config.quant_method
@@ -121,9 +201,19 @@ class DoubleRoundingHfQuantizer(HfQuantizer):
     quantization_config: DoubleRoundingConfig
 
     def validate_environment(self, *args, **kwargs):
+        # CPU and disk offload both work (accelerate hooks load the master and scales per forward; mark_offloaded):
+        # tests/test_offload.py. Quantize-on-load needs every float weight in memory first.
         device_map = kwargs.get("device_map")
-        if isinstance(device_map, dict) and "disk" in device_map.values():
-            raise ValueError("disk offload is not supported for double_rounding checkpoints; use device_map=None/'cpu'")
+        if not self.pre_quantized and isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("quantize-on-load cannot disk-offload (every float weight is needed in memory); quantize "
+                             "first (abs-llm quantize), then load the switchable checkpoint with the device_map")
+
+    def update_attn_implementation(self, config):
+        # The one quantizer hook that sees config.json before transformers builds the model: a config edited or
+        # corrupted after save is named here, not by a crash in the model's constructor.
+        if self.pre_quantized:
+            checkpoint.check_config_file(getattr(config, "_name_or_path", None))
+        return config
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False  # quantize-on-load happens after loading, see _process_model_after_weight_loading
@@ -134,18 +224,25 @@ class DoubleRoundingHfQuantizer(HfQuantizer):
         cfg = self.quantization_config
         skips = cfg.modules_to_not_convert or resolve_modules_to_not_convert(model, cfg)
         targets = linears_to_convert(model, skips)
+        check_config_names(cfg, targets, "config.json quantization_config")
         if checkpoint_files:
-            shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in targets}
+            shapes = {n: in_out(model.get_submodule(n))[::-1] for n in targets}
             checkpoint.check_files(checkpoint_files, cfg, shapes)
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | \
             checkpoint.guard_patterns(targets)
 
         def skeleton(name, old):
             with torch.device("meta"):
-                return SwitchableLinear(old.in_features, old.out_features, old.bias is not None,
-                                        dtype=old.weight.dtype, **layer_kwargs(cfg))
+                return _switchable(name, old, SwitchableLinear(*in_out(old), old.bias is not None,
+                                                               dtype=old.weight.dtype, **layer_kwargs(cfg)))
 
         replace_linears(model, targets, skeleton)
+        for name in targets:
+            # A parent's _init_weights may reach for child.weight by name (GPT-2 re-initialises c_proj.weight), which a
+            # frozen layer does not have. A parent holding no tensor of its own has nothing to initialise: skip it.
+            parent = model.get_submodule(name.rpartition(".")[0])
+            if next(parent.parameters(recurse=False), None) is None and next(parent.buffers(recurse=False), None) is None:
+                parent._is_hf_initialized = True
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -153,8 +250,9 @@ class DoubleRoundingHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             quantize(model, cfg)
             return model
+        mark_offloaded(model)
         for name, layer in switchable_layers(model).items():
-            if layer.weight_master.is_meta or layer.weight_scale.is_meta:
+            if (layer.weight_master.is_meta or layer.weight_scale.is_meta) and not layer.offloaded:
                 raise ValueError(f"checkpoint is missing the master or scale of {name}")
             layer.invalidate_cache()
         _apply_config_bits(model, cfg)

@@ -62,6 +62,7 @@ class SwitchableLinear(nn.Module):
         self._cache: OrderedDict = OrderedDict()  # (bits, dtype, device) -> kernels.Packed, least recent first
         self._kernel = kernels.check_kernel(kernel)
         self._act = None  # (dtype, device) of the last forward: what set_bits packs eagerly
+        self.offloaded = False  # set at load when accelerate offloads this layer (hf_quantizer.offloaded_modules)
         mdtype, mshape = checkpoint.master_layout(out_features, in_features, master_bits)
         self.register_buffer("weight_master", torch.zeros(mshape, dtype=mdtype, device=device))
         self.weight_scale = nn.Parameter(
@@ -139,7 +140,7 @@ class SwitchableLinear(nn.Module):
     def bits(self, value: int) -> None:
         if isinstance(value, bool) or value not in self.candidate_bits:
             raise ValueError(f"bits={value!r} is not a candidate of this layer; allowed {list(self.candidate_bits)}")
-        self._bits = int(value)
+        self.__dict__["_bits"] = int(value)  # a plain int: skip nn.Module.__setattr__ (switching is per-layer Python)
 
     @property
     def kernel(self) -> str:
@@ -163,8 +164,13 @@ class SwitchableLinear(nn.Module):
 
     def packed(self, dtype, device) -> kernels.Packed:
         """The active width packed for the best kernel for ``(dtype, device)``; LRU-cached, memory-capped."""
-        device = torch.device(device)
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
         key = (self._bits, dtype, device)
+        if self.offloaded:  # accelerate loads the master for each forward: keep no packed copy between them
+            with torch.no_grad():
+                return kernels.pack_checked(self.master(), self.weight_scale, self.master_bits, self._bits,
+                                            self.group_size, dtype, device, "dequant")
         p = self._cache.get(key)
         if p is not None:
             self._cache.move_to_end(key)
@@ -185,7 +191,7 @@ class SwitchableLinear(nn.Module):
 
     def prepare(self) -> kernels.Packed | None:
         """Pack the active width for the activation dtype/device last seen in forward (no-op before any forward)."""
-        if self.trainable or self._act is None:
+        if self._act is None or self.trainable or self.offloaded:
             return None
         return self.packed(*self._act)
 
@@ -193,25 +199,38 @@ class SwitchableLinear(nn.Module):
     def to_trainable(self) -> "SwitchableLinear":
         """Switch to training mode: latent float weight ``= q_h * s_h`` (exact master value), learnable scale."""
         if not self.trainable:
-            w = core.dequantize(self.master(), self.weight_scale, self.master_bits, self.master_bits, self.group_size)
-            self.weight = nn.Parameter(w.to(self.weight_scale.device))
-            self.weight_master = None
-            self.weight_scale.requires_grad_(True)
-            self.invalidate_cache()
+            self._install_trainable(self._latent())
         return self
 
     def freeze(self) -> "SwitchableLinear":
         """Round the latent weight into the integer master with the learned scale; drop the float copy."""
         if self.trainable:
-            with torch.no_grad():
-                if not torch.isfinite(self.weight).all() or not torch.isfinite(self.weight_scale).all():
-                    raise ValueError("cannot freeze: NaN or inf in the latent weight or scale")
-                self.weight_scale.data.clamp_(min=torch.finfo(torch.float32).tiny)
-                q = core.quantize_master(self.weight, self.weight_scale, self.master_bits, self.group_size)
-            self.weight = None
-            self.weight_scale.requires_grad_(False)
-            self.set_master(q)
+            self._install_frozen(*self._rounded())
         return self
+
+    # to_trainable / freeze in two halves, so that convert_all can compute every layer before changing any
+    def _latent(self) -> torch.Tensor:
+        w = core.dequantize(self.master(), self.weight_scale, self.master_bits, self.master_bits, self.group_size)
+        return w.to(self.weight_scale.device)
+
+    def _install_trainable(self, w: torch.Tensor) -> None:
+        self.weight = nn.Parameter(w)
+        self.weight_master = None
+        self.weight_scale.requires_grad_(True)
+        self.invalidate_cache()
+
+    def _rounded(self, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            if not torch.isfinite(self.weight).all() or not torch.isfinite(self.weight_scale).all():
+                raise ValueError(f"cannot freeze {name or 'layer'}: NaN or inf in the latent weight or scale")
+            scale = self.weight_scale.detach().clamp(min=torch.finfo(torch.float32).tiny)
+            return core.quantize_master(self.weight, scale, self.master_bits, self.group_size), scale
+
+    def _install_frozen(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.weight = None
+        self.weight_scale.data = scale
+        self.weight_scale.requires_grad_(False)
+        self.set_master(q)
 
     def __getstate__(self):
         # packed weights hold kernel closures (not picklable) and are rebuilt on demand: never pickle the cache
@@ -232,7 +251,12 @@ class SwitchableLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.trainable:
             self._act = (x.dtype, x.device)
-            return self.packed(x.dtype, x.device)(x, self.bias)
+            p = self.packed(x.dtype, x.device)
+            if p.kernel != "dequant" and x.requires_grad and torch.is_grad_enabled():
+                # the integer kernels have no backward; adapters (LoRA) upstream of a frozen layer need d(out)/dx
+                bias = None if self.bias is None else self.bias.to(x.dtype)
+                return F.linear(x, self.derived_weight(self._bits, dtype=x.dtype), bias)
+            return p(x, self.bias)
         w = core.fake_quantize(self.weight, self.weight_scale, self.master_bits, self._bits, self.group_size,
                                scale_grad_mult=self.scale_grad_mult, fused=self.fused)
         bias = self.bias
@@ -246,3 +270,16 @@ class SwitchableLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"master_bits={self.master_bits}, bits={self.bits}, candidates={list(self.candidate_bits)}, "
                 f"group_size={self.group_size}, kernel={self._kernel}, {mode}")
+
+
+def convert_all(layers: dict[str, SwitchableLinear], trainable: bool) -> None:
+    """Every layer of ``layers`` to training mode (``trainable=True``) or frozen, or none of them: each layer's new
+    tensors are computed first (a NaN/inf latent weight is refused, naming the layer), then installed."""
+    if trainable:
+        staged = {n: m._latent() for n, m in layers.items() if not m.trainable}
+        for n, w in staged.items():
+            layers[n]._install_trainable(w)
+    else:
+        staged = {n: m._rounded(n) for n, m in layers.items() if m.trainable}
+        for n, (q, scale) in staged.items():
+            layers[n]._install_frozen(q, scale)

@@ -42,10 +42,13 @@ from pathlib import Path
 
 import yaml
 
+from .results import DEFAULT_EVAL_CHUNKS
+
 logger = logging.getLogger(__name__)
 
 TOP_KEYS = {"model", "init", "output_dir", "data", "quant", "multibit", "train"}
 DATA_KEYS = {"source", "split", "docs", "text_field", "block_size", "config"}
+EMBEDDED = ("lee", "wiki")  # corpora of abs_llm.default_corpus ("wiki" once the Wikipedia sample is merged)
 QUANT_KEYS = {"candidate_bits", "master_bits", "group_size"}
 TRAIN_DEFAULTS = dict(max_steps=40, per_device_train_batch_size=2, learning_rate=1e-5, weight_decay=0.0,
                       lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_steps=20,
@@ -95,10 +98,11 @@ def load_texts(data: dict) -> list[str]:
     """Documents from the embedded Lee corpus, a local text/json file, or a Hub dataset (online only)."""
     source = data.get("source", "lee")
     field = data.get("text_field", "text")
-    if source == "lee":
+    if source in EMBEDDED:  # read from the installed wheels, no `datasets` needed
         from .data import default_corpus
 
-        texts = default_corpus(data.get("split", "train"))
+        split = data.get("split", "train")
+        texts = default_corpus(split) if source == "lee" else default_corpus(split, name=source)
     elif Path(source).exists():  # a local file: read here, no `datasets` needed (a GPU box may lack it)
         from .blocks import read_text_file
 
@@ -110,7 +114,7 @@ def load_texts(data: dict) -> list[str]:
         try:
             import datasets
         except ImportError:
-            raise ValueError(f"dataset {source!r} is neither 'lee' nor a local file, and reading a Hub dataset needs "
+            raise ValueError(f"dataset {source!r} is neither {' nor '.join(EMBEDDED)} nor a local file, and reading a Hub dataset needs "
                              "the `datasets` package (pip install datasets)") from None
         ds = datasets.load_dataset(source, data.get("config"), split=data.get("split", "train"))
         if field not in ds.column_names:
@@ -143,10 +147,10 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int):
 
 
 # ---- run ----------------------------------------------------------------------------------------------------------
-def build_trainer(recipe: dict):
+def build_trainer(recipe: dict, tokenizer=None):
     """Model, teacher, data and ``MultiBitTrainer`` for a validated recipe (nothing trained yet)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator
+    from transformers import AutoModelForCausalLM, TrainingArguments, default_data_collator
 
     from .config import DoubleRoundingConfig
     from .hf_quantizer import quantize
@@ -174,7 +178,9 @@ def build_trainer(recipe: dict):
         from .data import default_model_path
 
         path = default_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
+    from .lineage import source_tokenizer
+
+    tok = source_tokenizer(path, tokenizer)
     data = recipe["data"]
     train_ds = pack_blocks(tok, load_texts(data), data.get("block_size", 256))  # data errors before the model loads
     if recipe.get("init"):
@@ -236,10 +242,12 @@ def last_checkpoint(output_dir: str) -> str | None:
     return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
 
 
-def train(recipe_path, max_steps=None, output_dir=None, resume: bool | str = True):
-    """Run a recipe end to end. ``resume=True`` continues from the newest ``checkpoint-*`` in the output dir."""
+def train(recipe_path, max_steps=None, output_dir=None, resume: bool | str = True, tokenizer=None,
+          evaluate: bool = True, eval_chunks: int | None = DEFAULT_EVAL_CHUNKS):
+    """Run a recipe end to end. ``resume=True`` continues from the newest ``checkpoint-*`` in the output dir. The final
+    checkpoint gets its own ``eval_results.json`` (PPL at every width) unless ``evaluate`` is False."""
     recipe = load_recipe(recipe_path, max_steps, output_dir)
-    trainer = build_trainer(recipe)
+    trainer = build_trainer(recipe, tokenizer)
     ckpt = resume if isinstance(resume, str) else (last_checkpoint(recipe["output_dir"]) if resume else None)
     if ckpt:
         logger.warning("resuming from %s", ckpt)
@@ -249,6 +257,11 @@ def train(recipe_path, max_steps=None, output_dir=None, resume: bool | str = Tru
     if trainer.args.should_save:
         Path(out, "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         plot_losses(trainer.state.log_history, Path(out, "loss_per_bits.png"))
+        if evaluate:
+            from .results import evaluate_and_store
+
+            evaluate_and_store(out, trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class,
+                               eval_chunks)
     return trainer
 
 

@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
 
 from . import kernels
 from .layers import SwitchableLinear
 
 
+_TREE_VERSION = [0]  # bumped whenever any module is registered anywhere (setattr of a Module, add_module, ...)
+
+
+def _tree_changed(module, name, submodule):
+    _TREE_VERSION[0] += 1
+
+
+register_module_module_registration_hook(_tree_changed)
+
+
 def switchable_layers(model: nn.Module) -> dict[str, SwitchableLinear]:
-    """``{module_name: SwitchableLinear}`` in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, SwitchableLinear)}
+    """``{module_name: SwitchableLinear}`` in module order. Memoised on the model until a module is registered
+    anywhere: walking ``named_modules`` costs more than switching 56 cached layers (issue 12's ping-pong target)."""
+    memo = model.__dict__.get("_abs_llm_layers")
+    if memo is not None and memo[0] == _TREE_VERSION[0]:
+        return dict(memo[1])
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, SwitchableLinear)}
+    model.__dict__["_abs_llm_layers"] = (_TREE_VERSION[0], layers)
+    return dict(layers)
 
 
 def require_layers(model: nn.Module) -> dict[str, SwitchableLinear]:
@@ -76,13 +93,21 @@ def set_bits(model: nn.Module, bits: int | dict[str, int], kernel: str | None = 
     else:
         check_bits(model, bits)
         plan = {n: bits for n in layers}
-    if kernel is not None:
-        for layer in layers.values():
-            layer.kernel = kernel
-    for name, b in plan.items():
-        layers[name].bits = b
-        if prepare:
-            layers[name].prepare()
+    before = {n: (m.bits, m.kernel) for n, m in layers.items()}
+    set_one = SwitchableLinear.bits.fset  # the property setter (validates) without nn.Module.__setattr__'s checks
+    try:
+        if kernel is not None:
+            for layer in layers.values():
+                layer.kernel = kernel
+        for name, b in plan.items():
+            set_one(layers[name], b)
+            if prepare:
+                layers[name].prepare()  # may run out of memory half-way: then every layer goes back
+    except BaseException:
+        for name, (b, k) in before.items():
+            set_one(layers[name], b)
+            layers[name].kernel = k
+        raise
     _sync_config(model, layers, kernel)
     return model
 

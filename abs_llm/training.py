@@ -41,6 +41,7 @@ from transformers import Trainer
 from . import distributed
 from .core import alrs_multiplier
 from .hasb import HASBSampler, attach_traces, load_traces
+from .layers import convert_all
 from .multibit import (  # noqa: F401  (public here too)
     KD_MODES,
     MultiBitConfig,
@@ -78,8 +79,7 @@ class MultiBitTrainer(Trainer):
             seed=self.mb.hasb_seed, sigma_min=self.mb.hasb_sigma_min, sigma_max=self.mb.hasb_sigma_max)
         super().__init__(model=model, args=args, **kwargs)
         # Every check has passed: only now is the model changed (a refused trainer leaves it as it was).
-        for layer in self.layers.values():
-            layer.to_trainable()  # a frozen (pre-quantized) model starts QAT from its master
+        convert_all(self.layers, trainable=True)  # a frozen (pre-quantized) model starts QAT from its master
         if traces is not None:
             attach_traces(model, traces)  # the final checkpoint records the sensitivities the supernet trained with
         self.teacher = teacher
@@ -115,6 +115,10 @@ class MultiBitTrainer(Trainer):
             if not source:
                 raise ValueError("hasb=True needs Hessian traces: pass multibit hasb_traces (a dict or a JSON file from "
                                  "`abs-llm search`), or quantize a model whose config stores them")
+        qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
+        if qcfg is None or isinstance(qcfg, dict):  # checked here: attach_traces runs after the model has changed
+            raise ValueError("hasb=True records the traces in the model's DoubleRoundingConfig, and this model has none;"
+                             " quantize it with abs_llm.quantize or from_pretrained(..., quantization_config=...)")
         return load_traces(source)
 
     # ---- optimiser ----------------------------------------------------------------------------------------------
@@ -319,8 +323,7 @@ class MultiBitTrainer(Trainer):
         if distributed.is_fsdp2(self.accelerator):  # shards gathered into a plain copy; self.model stays sharded
             model = distributed.full_model_on_main(self.accelerator, model)
         if model is not None:
-            for layer in switchable_layers(model).values():
-                layer.freeze()
+            convert_all(switchable_layers(model), trainable=False)  # all layers or none (a NaN names its layer)
             set_bits(model, max(self.bits_order))
         if self.args.should_save:
             model.save_pretrained(output_dir)

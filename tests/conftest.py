@@ -1,5 +1,11 @@
 """Shared fixtures and helpers: tiny random Llama models, in-memory tokenizers (no Hub), a tiny switchable checkpoint."""
 
+import os
+
+# CI has no GPU: the Triton kernels run in Triton's interpreter. The flag is read when a @triton.jit function is
+# decorated, including triton's own library (tl.zeros, tl.sum), and transformers imports triton, so set it first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -118,6 +124,24 @@ def qckpt(tiny_llama, tmp_path):
     tiny_llama.save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return path
+
+
+def model_digest(model) -> str:
+    """SHA-256 of everything a refused call must leave as it was: every state-dict tensor (name, dtype, shape, bytes,
+    requires_grad), every module's type, and each SwitchableLinear's bits, kernel and mode."""
+    import hashlib
+
+    from abs_llm import SwitchableLinear
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict(keep_vars=True).items():
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{t.requires_grad}".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for name, m in model.named_modules():
+        h.update(f"{name}|{type(m).__name__}".encode())
+        if isinstance(m, SwitchableLinear):
+            h.update(f"|{m.bits}|{m.kernel}|{m.trainable}".encode())
+    return h.hexdigest()
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -117,7 +117,7 @@ def test_bad_checkpoints_fail_before_loading(saved, fn_tensors, fn_meta, match):
                                                            if k != KEY})}, f"converted but not in the header: \\['{KEY}'\\]"),
         (lambda m: {**m, "abs_llm.layer_bits": json.dumps({**json.loads(m["abs_llm.layer_bits"]), KEY: 5})},
          "are not candidate bit-widths"),
-        (lambda m: {**m, "abs_llm.layer_bits": "{not json"}, "unreadable abs_llm metadata"),
+        (lambda m: {**m, "abs_llm.layer_bits": "{not json"}, "unreadable .abs_llm.layer_bits. in the safetensors metadata"),
     ],
 )
 def test_header_metadata_is_checked_against_config(saved, fn_meta, match):

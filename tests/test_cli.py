@@ -159,6 +159,7 @@ def test_train_and_resume_roundtrips_latent_weights(tiny_lm_dir, tmp_path):
     assert main(["train", str(recipe), "--max-steps", "2", "--output-dir", str(out)]) == 0
     ckpt = out / "checkpoint-2"
     assert (ckpt / "ABS_LLM_TRAINING_STATE.json").exists() and (out / "loss_per_bits.png").exists()
+    assert [r["bits"] for r in json.loads((out / "eval_results.json").read_text())["ppl"]["rows"]] == [8, 4, 2]
     re = AutoModelForCausalLM.from_pretrained(out)  # the final switchable checkpoint
     assert get_bits(re) == 8 and set(next(iter(switchable_layers(re).values())).candidate_bits) == {8, 4, 2}
     # the Trainer checkpoint holds the latent float weights and loads back into a training-mode model

@@ -165,3 +165,21 @@ def test_evaluate_bits_rows_table_and_restored_bits(tiny_llama):
     assert lines[0] == "| bits | PPL | delta vs FP | size at this width |" and lines[2].startswith("| fp32 |")
     assert lines[3].startswith("| 8 |") and "+0.00%" in lines[3] and lines[4].startswith("| 2 |")
     assert evaluate_bits(model, tok, [], TEXTS) == []
+
+
+def test_tokenizer_errors_are_not_retried_away(char_tokenizer):
+    """Only a tokenizer without the ``verbose`` keyword is called again without it; any other TypeError is the
+    caller's to see, unchanged."""
+    calls = []
+
+    def no_verbose(text, add_special_tokens=False):
+        calls.append(text)
+        return char_tokenizer(text, add_special_tokens=add_special_tokens)
+
+    assert token_windows(no_verbose, ["hello world"], seq_len=4).shape[1] == 4 and len(calls) == 1
+
+    def broken(text, **kw):
+        raise TypeError("expected str, got bytes")
+
+    with pytest.raises(TypeError, match="expected str, got bytes"):
+        token_windows(broken, ["hello world"], seq_len=4)

@@ -105,3 +105,19 @@ def test_recipe_numbers_without_a_dot_and_init_checkpoint(tiny_lm_dir, qckpt, tm
         load_init(qckpt, {"candidate_bits": [8, 6, 4, 3, 2]})
     with pytest.raises(ValueError, match="not a checkpoint directory"):
         load_init(tmp_path, {})
+
+
+@pytest.mark.parametrize("content,root_cause", [(b'{"text": "a"}\n{"text": \n', "JSONDecodeError"),
+                                                (bytes(range(128, 256)) * 8, "UnicodeDecodeError")])
+def test_unreadable_dataset_names_the_file_and_the_root_cause(tmp_path, content, root_cause):
+    """The error names the file and the underlying parse error, and keeps that error as its cause (local files are
+    read without `datasets`, whose own message was only "An error occurred while generating the dataset")."""
+    from abs_llm.recipe import load_texts
+    from tests._report import RELIABILITY
+
+    f = tmp_path / ("d.jsonl" if content.startswith(b"{") else "d.txt")
+    f.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"cannot read dataset {f} as .*\({root_cause}: ") as e:
+        load_texts({"source": str(f)})
+    assert type(e.value.__cause__).__name__ == root_cause
+    RELIABILITY["bad inputs tried"] += 1

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from ..results import DEFAULT_EVAL_CHUNKS
 from ..evaluation import evaluate_bits, perplexity, token_windows
 from ..switching import allowed_bits, get_bits, model_bytes, require_layers, set_bits, switchable_layers
 from .search import average_bits, perturbations, search
@@ -120,15 +121,19 @@ def search_checkpoint(checkpoint, out, avg_bits: float | None = None, size_bytes
                       traces=None, recompute: bool = False, method: str = "fisher", calib_docs: int = 250,
                       calib_seq_len: int = 128, calib_batch_size: int = 1, calib_batches: int = 1, n_samples: int = 16,
                       seed: int = 0, sweep_bits=None, split: str = "eval", max_chunks: int | None = None,
-                      overwrite: bool = False) -> dict:
+                      overwrite: bool = False, tokenizer=None, evaluate: bool = True,
+                      eval_chunks: int | None = DEFAULT_EVAL_CHUNKS) -> dict:
     """``abs-llm search``: load a switchable checkpoint, get its layer sensitivities (a traces file, the ones stored in
     the checkpoint, or estimated on the first ``calib_docs`` Lee train documents), search the per-layer map under the
     budget and save it as a checkpoint in ``out`` with ``hasb.json``; with ``sweep_bits`` also ``sweep.json`` and
-    ``sweep.png``. Returns the report written to ``hasb.json``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ``sweep.png``. The saved checkpoint also gets its own ``eval_results.json`` (PPL of the map and of every width)
+    unless ``evaluate`` is False; ``tokenizer`` overrides the checkpoint's (:func:`abs_llm.lineage.load_tokenizer`).
+    Returns the report written to ``hasb.json``."""
+    from transformers import AutoModelForCausalLM
 
     from ..data import default_corpus
-    from ..integrity import prepare_output_dir
+    from ..saving import prepare_output_dir
+    from ..lineage import load_tokenizer
 
     if avg_bits is None and size_bytes is None and not sweep_bits:
         raise ValueError("give --avg-bits or --size-bytes (or --sweep)")
@@ -137,8 +142,8 @@ def search_checkpoint(checkpoint, out, avg_bits: float | None = None, size_bytes
     if method not in ESTIMATORS:
         raise ValueError(f"unknown trace method {method!r}; choose one of {sorted(ESTIMATORS)}")
     out = prepare_output_dir(out, overwrite)
+    tok = load_tokenizer(checkpoint, tokenizer)  # a missing tokenizer fails before the model loads
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    tok = AutoTokenizer.from_pretrained(checkpoint)
     require_layers(model)
     report = {"checkpoint": str(checkpoint)}
     stored = getattr(model.config.quantization_config, "hessian_traces", None)
@@ -169,6 +174,10 @@ def search_checkpoint(checkpoint, out, avg_bits: float | None = None, size_bytes
         report.update(avg_bits=average_bits(model), bytes=model_bytes(model),
                       budget={"avg_bits": avg_bits, "size_bytes": size_bytes},
                       layers=layer_table(model, traces, bit_map))
+        if evaluate:
+            from ..results import evaluate_and_store
+
+            evaluate_and_store(out, model, tok, eval_chunks)
     report["traces"] = traces
     (out / "hasb.json").write_text(json.dumps(report, indent=2))
     if sweep_bits:

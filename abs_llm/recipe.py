@@ -7,7 +7,7 @@ Schema (every key optional except where noted; unknown keys are errors so a typo
                                   # ``model`` is then the float teacher and the tokenizer; ``quant`` must agree or be empty
     output_dir: outputs/qat
     data:
-      source: lee                 # "lee" (embedded corpus) | a local .txt/.json/.jsonl file | a Hub dataset name
+      source: lee                 # "lee" | "wiki" (embedded corpora) | a local .txt/.json/.jsonl file | a Hub dataset name
       split: train                # lee: train|eval; Hub: split name
       docs: [0, 225]              # optional [start, end) slice of the documents (keep a validation slice out)
       text_field: text            # json / Hub column holding the text
@@ -253,15 +253,14 @@ def train(recipe_path, max_steps=None, output_dir=None, resume: bool | str = Tru
         logger.warning("resuming from %s", ckpt)
     trainer.train(resume_from_checkpoint=ckpt)
     out = recipe["output_dir"]
-    trainer.save_switchable(out)
+    saved = trainer.save_switchable(out)  # under FSDP2 the gathered copy: trainer.model stays sharded
     if trainer.args.should_save:
         Path(out, "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         plot_losses(trainer.state.log_history, Path(out, "loss_per_bits.png"))
         if evaluate:
             from .results import evaluate_and_store
 
-            evaluate_and_store(out, trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class,
-                               eval_chunks)
+            evaluate_and_store(out, saved, trainer.processing_class, eval_chunks)
     return trainer
 
 

@@ -317,7 +317,8 @@ class MultiBitTrainer(Trainer):
     def save_switchable(self, output_dir: str) -> None:
         """Freeze every layer (round to the integer master) and write a switchable checkpoint with ``save_pretrained``.
         Call once, after training, on every process: the model leaves training mode (under FSDP2 a gathered copy is
-        frozen and saved by the main process; the sharded model stays as it was)."""
+        frozen and saved by the main process; the sharded model stays as it was). Returns the frozen model (None on
+        the other FSDP2 processes)."""
         self.accelerator.wait_for_everyone()
         model = self.accelerator.unwrap_model(self.model)
         if distributed.is_fsdp2(self.accelerator):  # shards gathered into a plain copy; self.model stays sharded
@@ -330,3 +331,4 @@ class MultiBitTrainer(Trainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
         self.accelerator.wait_for_everyone()
+        return model

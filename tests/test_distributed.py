@@ -32,11 +32,12 @@ def _recipe(tmp_path, model_dir, name, batch, **multibit):
     return out
 
 
-def _launch(config, recipe, out, steps):
+def _launch(config, recipe, out, steps, evaluate=False):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes" / config),
            "-m", "abs_llm.cli", "train", str(recipe), "--output-dir", str(out), "--max-steps", str(steps)]
+    cmd += [] if evaluate else ["--no-eval"]  # the stored evaluation is checked once (it runs on the gathered copy)
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout + res.stderr
@@ -76,10 +77,11 @@ def test_fsdp2_step_per_bit_matches_one_process_and_resumes(tiny_lm_dir, tmp_pat
     log = _launch("accelerate_fsdp_cpu.yaml", two, out, 1)
     assert "FSDP2 on CPU" in log and "world_size=2" in log
     assert (out / "checkpoint-1" / "pytorch_model_fsdp.bin").is_file()  # accelerate's FSDP resume state
-    log = _launch("accelerate_fsdp_cpu.yaml", two, out, 2)
+    log = _launch("accelerate_fsdp_cpu.yaml", two, out, 2, evaluate=True)
     assert "resuming from" in log and "checkpoint-1" in log
+    assert {r["bits"] for r in json.loads((out / "eval_results.json").read_text())["ppl"]["rows"]} == {8, 4, 2}
     ref = tmp_path / "one"
-    train(_recipe(tmp_path, tiny_lm_dir, "one", 2, step_per_bit=True), output_dir=str(ref))
+    train(_recipe(tmp_path, tiny_lm_dir, "one", 2, step_per_bit=True), output_dir=str(ref), evaluate=False)
     logs = _logs(out)
     assert all(e["grad_norm"] > 0 for e in logs)  # the norm each width's step saw, not the Trainer's 0
     _assert_same_run(logs, _logs(ref), rtol=1e-4)
@@ -92,7 +94,7 @@ def test_fsdp2_accumulate_alrs_matches_one_process(tiny_lm_dir, tmp_path):
     out = tmp_path / "fsdp"
     _launch("accelerate_fsdp_cpu.yaml", _recipe(tmp_path, tiny_lm_dir, "two", 1), out, 2)
     ref = tmp_path / "one"
-    train(_recipe(tmp_path, tiny_lm_dir, "one", 2), output_dir=str(ref))
+    train(_recipe(tmp_path, tiny_lm_dir, "one", 2), output_dir=str(ref), evaluate=False)
     _assert_same_run(_logs(out), _logs(ref), rtol=1e-4)
     _assert_same_checkpoint(out, ref, tiny_lm_dir)
 

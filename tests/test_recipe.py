@@ -121,3 +121,25 @@ def test_unreadable_dataset_names_the_file_and_the_root_cause(tmp_path, content,
         load_texts({"source": str(f)})
     assert type(e.value.__cause__).__name__ == root_cause
     RELIABILITY["bad inputs tried"] += 1
+
+
+def test_gpu_recipe_runs_in_tiny_form(tiny_lm_dir, tmp_path):
+    """recipes/qat_smollm2_gpu.yaml as shipped (step per bit, ALRS, KD, fused fake quantization, cosine schedule,
+    data workers), with only the model, data and sizes shrunk: a GPU session finds no unknown key or broken knob."""
+    import yaml
+
+    from abs_llm.recipe import train
+
+    r = yaml.safe_load((ROOT / "recipes" / "qat_smollm2_gpu.yaml").read_text())
+    tiny = yaml.safe_load(write_recipe(tmp_path, tiny_lm_dir).read_text())
+    r.update(model=tiny["model"], quant=tiny["quant"])
+    r["data"] = {**r["data"], "source": tiny["data"]["source"], "docs": None, "block_size": 32}
+    r["multibit"]["bits"] = tiny["quant"]["candidate_bits"]
+    r["train"].update(max_steps=2, per_device_train_batch_size=2, warmup_steps=1, logging_steps=1, save_steps=2,
+                      use_cpu=True)
+    path = tmp_path / "gpu_tiny.yaml"
+    path.write_text(yaml.safe_dump(r))
+    tr = train(path, output_dir=str(tmp_path / "out"), evaluate=False)
+    assert tr.state.global_step == 2 and tr.mb.fused
+    logs = [e for e in tr.state.log_history if "loss_w2" in e]
+    assert len(logs) == 2 and all(e["grad_norm_w2"] > 0 and e["grad_norm"] > 0 for e in logs)

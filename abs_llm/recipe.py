@@ -265,8 +265,13 @@ def train(recipe_path, max_steps=None, output_dir=None, resume: bool | str = Tru
 
 
 def plot_losses(log_history: list[dict], path) -> None:
-    """Loss per bit-width against step (keys ``loss_w<b>`` written by ``MultiBitTrainer.log``)."""
-    import matplotlib
+    """Loss per bit-width against step (keys ``loss_w<b>`` written by ``MultiBitTrainer.log``); skipped with a warning
+    where matplotlib is not installed (a bare GPU box), so a finished run still ends cleanly."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("matplotlib is not installed: no %s (the losses are in log_history.json)", path)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -143,3 +143,13 @@ def test_gpu_recipe_runs_in_tiny_form(tiny_lm_dir, tmp_path):
     assert tr.state.global_step == 2 and tr.mb.fused
     logs = [e for e in tr.state.log_history if "loss_w2" in e]
     assert len(logs) == 2 and all(e["grad_norm_w2"] > 0 and e["grad_norm"] > 0 for e in logs)
+
+
+def test_loss_plot_without_matplotlib_is_skipped(tmp_path, monkeypatch, caplog):
+    import sys
+
+    from abs_llm.recipe import plot_losses
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    plot_losses([{"step": 1, "loss_w8": 0.1}], tmp_path / "p.png")
+    assert not (tmp_path / "p.png").exists() and "matplotlib is not installed" in caplog.text

@@ -31,6 +31,7 @@ def __getattr__(name):
         "load_default_model": "data",
         "default_corpus": "data",
         "perplexity": "evaluation",
+        "draft_model": "speculative",
     }
     if name in lazy:
         import importlib
@@ -51,4 +52,5 @@ __all__ = [
     "load_default_model",
     "default_corpus",
     "perplexity",
+    "draft_model",
 ]

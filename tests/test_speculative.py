@@ -223,3 +223,79 @@ def test_low_bit_head_shares_the_weight_and_tracks_it():
         m = _verifier()
         m.lm_head = torch.nn.Identity()
         draft_model(m, bits=4, head_bits=4)
+
+
+def _char_tokenizer():
+    """Character-level tokenizer inside the tiny model's 128-token vocabulary (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1} | {chr(i): i for i in range(32, 127)} | {"\n": 127}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                  eos_token="<eos>", unk_token="<unk>")
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return tok
+
+
+def test_cli_generate_with_draft(tmp_path, capsys):
+    import json
+
+    from abs_llm.cli import main as cli
+
+    model = _verifier()
+    names = list(switchable_layers(model))
+    model.save_pretrained(tmp_path / "v")
+    _char_tokenizer().save_pretrained(tmp_path / "v")
+    set_bits(model, 4)
+    set_bits(model, {names[0]: 2})
+    model.save_pretrained(tmp_path / "map")  # a per-layer map, as `abs-llm search --out` writes it
+    argv = ["generate", str(tmp_path / "v"), "--prompt", "the cat sat", "--dtype", "float32", "--max-new-tokens", "24"]
+    assert cli(argv + ["--draft-bits", str(tmp_path / "map"), "--num-assistant-tokens", "3", "--compare",
+                       "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["identical"] and r["new_tokens"] == r["rounds"] + r["accepted"] and r["drafted"] > 0
+    assert 0 <= r["acceptance"] <= 1 and r["speedup"] > 0
+    assert cli(argv + ["--draft-bits", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "tokens/s" in err and "acceptance" in err and out.strip()
+    assert cli(argv + ["--draft-bits", "5"]) == 2
+    assert "not a candidate" in capsys.readouterr().err
+
+
+def test_parse_bits_completes_a_saved_layer_map(tmp_path):
+    from abs_llm.generate import parse_bits
+
+    model = _verifier()
+    names = list(switchable_layers(model))
+    set_bits(model, 4)
+    set_bits(model, {names[1]: 6})
+    model.save_pretrained(tmp_path)
+    bits = parse_bits(str(tmp_path), names)
+    assert bits == {n: 6 if n == names[1] else 4 for n in names}
+    assert parse_bits("3") == 3
+    with pytest.raises(ValueError, match="neither an integer"):
+        parse_bits(str(tmp_path / "missing"))
+
+
+@pytest.mark.integration
+def test_default_model_assisted_equals_plain_greedy():
+    import abs_llm
+    from abs_llm.generate import prompt_ids
+
+    path = abs_llm.default_model_path()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    quantize(model, DoubleRoundingConfig(bits=8, group_size=64))
+    model.to(torch.bfloat16)
+    doc = abs_llm.default_corpus("train")[240]  # a validation document, used as a prompt only
+    ids = prompt_ids(tok, "Summarize this news story in a few sentences:\n\n" + doc[:700])
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+    for bits, head, k in [(4, 4, 3), (6, None, 2)]:
+        draft = draft_model(model, bits=bits, head_bits=head, num_assistant_tokens=k, schedule="constant",
+                            confidence_threshold=0)
+        out, stats = generate_with_stats(model, ids, draft, max_new_tokens=64, min_new_tokens=64)
+        assert torch.equal(out, plain), (bits, head)
+        assert stats["acceptance"] > 0.3  # measured 0.6-0.8: a 4/6-bit derivation mostly agrees with INT8

@@ -169,6 +169,9 @@ def _view(module: nn.Module, memo: dict, swap: dict, root: nn.Module) -> nn.Modu
             if key in _OWN_METHODS:
                 continue
             state[key] = types.MethodType(value.__func__, new)
+        elif key == "forward":  # e.g. accelerate's device-map hooks: a closure over the verifier's own module
+            raise ValueError(f"module {type(module).__name__} has a replaced forward ({value!r}), e.g. from a "
+                             "device_map/offload hook; draft_model needs a model loaded without device_map")
         elif isinstance(value, (dict, list, set)):  # hooks, OrderedDict cache, ...: never shared
             state[key] = copy.copy(value)
         else:
@@ -325,4 +328,4 @@ def generate_with_stats(model: nn.Module, input_ids: torch.Tensor, draft: nn.Mod
     return out, stats
 
 
-__all__ = ["draft_model", "draft_extra_bytes", "generate_with_stats", "LowBitHead"]
+__all__ = ["LowBitHead", "draft_extra_bytes", "draft_model", "generate_with_stats"]

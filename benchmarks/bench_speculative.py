@@ -31,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import abs_llm
-from abs_llm import DoubleRoundingConfig, quantize, set_bits, switchable_layers
+from abs_llm import DoubleRoundingConfig, quantize, row_attention, set_bits, switchable_layers
 from abs_llm.generate import prompt_ids
 from abs_llm.speculative import draft_extra_bytes, draft_model, generate_with_stats
 
@@ -150,7 +150,7 @@ def memory(model, draft_rows):
         set_bits(model, bits)
         alone = tensors + verifier_packed_bytes(model)
         out[f"verifier{bits}"] = alone
-        for name, row in draft_rows.items():
+        for row in draft_rows.values():
             if row.get("verifier_bits") == bits and "draft_extra_bytes" in row:
                 row["resident_bytes"] = alone + row["draft_extra_bytes"]
                 row["resident_ratio"] = row["resident_bytes"] / alone
@@ -159,9 +159,41 @@ def memory(model, draft_rows):
     return out
 
 
+def forward_costs(model, ids, repeats=15, rows=(2, 3, 4, 5)):
+    """Median ms of one cached forward: each draft and verifier width at one token, the verifiers at ``rows`` tokens
+    (a verification step of K = rows - 1 drafts), with the row-exact attention and with plain sdpa ("plain").
+    Round-robin over settings."""
+    nets = {}
+    for vb in (8, 6):
+        nets[f"v{vb}"] = (model, vb)
+    for db in (6, 4, 3, 2):
+        for head in (None, 4):
+            nets[f"d{db} h{head or 'shared'}"] = (draft_model(model, bits=db, head_bits=head, exact=False), None)
+    times = {k: [] for k in nets} | {f"v{vb} x{m}{p}": [] for vb in (8, 6) for m in rows for p in ("", " plain")}
+    with torch.no_grad():
+        caches = {}
+        for k, (m, b) in nets.items():
+            if b is not None:
+                set_bits(m, b)
+            caches[k] = m(ids, use_cache=True).cache
+        for _ in range(repeats):
+            for k, (m, b) in nets.items():
+                if b is not None:
+                    set_bits(m, b)
+                for n in (1,) + (rows if b is not None else ()):
+                    for exact in ((True, False) if n > 1 else (True,)):
+                        (row_attention.make_rowwise if exact else row_attention.make_plain)(m)
+                        t = time.perf_counter()
+                        m(ids[:, :n], cache=caches[k])
+                        times[k if n == 1 else f"{k} x{n}" + ("" if exact else " plain")].append(
+                            time.perf_counter() - t)
+                        caches[k].crop(-n)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("phase", choices=["tune", "main"])
+    ap.add_argument("phase", choices=["tune", "main", "costs"])
     ap.add_argument("--group", default="64")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -170,7 +202,8 @@ def main():
     ap.add_argument("--schedule", default="constant")
     ap.add_argument("--drafts", default="2,3,4,6")
     ap.add_argument("--verifiers", default="8,6")
-    ap.add_argument("--tune-k", default="1,2,3,4,6")
+    ap.add_argument("--tune-k", default="1,2,3,4")
+    ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -185,8 +218,20 @@ def main():
         if d is not None:
             plain_of[name] = f"v{vbits}"
 
+    if args.phase == "costs":
+        ids = prompts(tok, [225])[0]
+        start = time.time()
+        ms = forward_costs(model, ids, args.repeats)
+        report = {"phase": "costs", "group_size": group, "threads": args.threads, "prompt_tokens": int(ids.shape[1]),
+                  "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
+                  "wall_s": time.time() - start, "load_avg": os.getloadavg(), "forward_ms": ms}
+        out = Path(args.out or RESULTS / f"speculative_costs_g{args.group}.json")
+        out.write_text(json.dumps(report, indent=2))
+        for k, v in ms.items():
+            print(f"{k:16s} {v:7.2f} ms  {v / ms['v8']:.2f} x v8")
+        return
     if args.phase == "tune":
-        ids_list = prompts(tok, [225, 230, 235, 240, 245])
+        ids_list = prompts(tok, [225, 230, 235, 240, 245][: args.prompts])
         add("v8", 8)
         for head in (4, None):
             for k in [int(x) for x in args.tune_k.split(",")]:
@@ -196,7 +241,7 @@ def main():
             add(f"v8 d4 h{head} heuristic", 8, 4, head, num_assistant_tokens=5, schedule="heuristic_transient",
                 confidence_threshold=0)
     else:
-        ids_list = prompts(tok, [250, 260, 270, 280, 290])
+        ids_list = prompts(tok, [250, 260, 270, 280, 290][: args.prompts])
         for vb in [int(x) for x in args.verifiers.split(",")]:
             add(f"v{vb}", vb)
             for db in [int(x) for x in args.drafts.split(",")]:

@@ -89,40 +89,41 @@ class Run:
 
 
 def measure(runs, plain_of, ids_list, repeats):
-    """Round-robin. ``plain_of[name]`` names the verifier-alone run to compare outputs with."""
-    raw = {r.name: {"t": [], "stats": None, "identical": True} for r in runs}
-    t1 = {}
+    """Round-robin, interleaved per prompt (load on the shared machine drifts over minutes): for each repeat and
+    prompt every setting runs once. ``plain_of[name]`` names the verifier-alone run to compare with. Besides the ratio
+    of medians, ``paired_speedup`` is the median over (repeat, prompt) of t(verifier alone) / t(assisted) from runs
+    seconds apart, which is what the load noise disturbs least."""
+    t = {r.name: [[0.0] * len(ids_list) for _ in range(repeats)] for r in runs}
+    t1 = {r.bits: [[0.0] * len(ids_list) for _ in range(repeats)] for r in runs if r.draft is None}
+    stats = {r.name: {"new_tokens": 0, "rounds": 0, "drafted": 0, "accepted": 0} for r in runs}
+    identical = {r.name: True for r in runs}
     ref = {}
-    for r in runs:  # warm-up (packs every width once) + reference outputs + one-token times
+    for r in runs:  # warm-up: packs every width once
         r.go(ids_list[0][:, :16])
     for rep in range(repeats):
-        for r in runs:
-            tot, agg = 0.0, {"new_tokens": 0, "rounds": 0, "drafted": 0, "accepted": 0}
-            for i, ids in enumerate(ids_list):
+        for i, ids in enumerate(ids_list):
+            for r in runs:
                 out, st = r.go(ids)
-                tot += st["seconds"]
-                for k in agg:
-                    agg[k] += st.get(k, 0)
+                t[r.name][rep][i] = st["seconds"]
+                if rep == 0:  # greedy: the same tokens, rounds and drafts every repeat
+                    for k in stats[r.name]:
+                        stats[r.name][k] += st.get(k, 0)
                 if r.draft is None:
                     ref[(r.name, i)] = out
-                    if rep == 0:
-                        set_bits(r.model, r.bits)
-                        t1[(r.bits, i)] = [generate_with_stats(r.model, ids, None, max_new_tokens=1)[1]["seconds"]]
-                    else:
-                        t1[(r.bits, i)].append(generate_with_stats(r.model, ids, None, max_new_tokens=1)[1]["seconds"])
+                    set_bits(r.model, r.bits)
+                    t1[r.bits][rep][i] = generate_with_stats(r.model, ids, None, max_new_tokens=1)[1]["seconds"]
                 else:
-                    raw[r.name]["identical"] &= bool(torch.equal(out, ref[(plain_of[r.name], i)]))
-            raw[r.name]["t"].append(tot)
-            raw[r.name]["stats"] = agg
-            print(f"  rep {rep} {r.name}: {agg['new_tokens'] / tot:.2f} tok/s", flush=True)
+                    identical[r.name] &= bool(torch.equal(out, ref[(plain_of[r.name], i)]))
+        print(f"  rep {rep}: " + ", ".join(f"{r.name} {stats[r.name]['new_tokens'] / sum(t[r.name][rep]):.2f}"
+                                         for r in runs), flush=True)
     res = {}
     for r in runs:
-        d = raw[r.name]
-        agg, t = d["stats"], statistics.median(d["t"])
-        prefill = sum(statistics.median(t1[(r.bits, i)]) for i in range(len(ids_list)))
-        row = {"verifier_bits": r.bits, "seconds": t, "tokens_per_s": agg["new_tokens"] / t,
-               "decode_tokens_per_s": (agg["new_tokens"] - len(ids_list)) / max(t - prefill, 1e-9),
-               "new_tokens": agg["new_tokens"], "rounds": agg["rounds"], "repeats_s": d["t"]}
+        agg, sums = stats[r.name], [sum(x) for x in t[r.name]]
+        tm = statistics.median(sums)
+        prefill = statistics.median([sum(x) for x in t1[r.bits]])
+        row = {"verifier_bits": r.bits, "seconds": tm, "tokens_per_s": agg["new_tokens"] / tm,
+               "decode_tokens_per_s": (agg["new_tokens"] - len(ids_list)) / max(tm - prefill, 1e-9),
+               "new_tokens": agg["new_tokens"], "rounds": agg["rounds"], "repeats_s": sums}
         if r.draft is not None:
             cfg = r.draft.generation_config
             row |= {"draft_bits": abs_llm.get_bits(r.draft), "draft_head_bits": getattr(r.draft.lm_head, "bits", None),
@@ -130,14 +131,16 @@ def measure(runs, plain_of, ids_list, repeats):
                     "confidence_threshold": cfg.assistant_confidence_threshold,
                     "drafted": agg["drafted"], "accepted": agg["accepted"],
                     "acceptance": agg["accepted"] / max(agg["drafted"], 1),
-                    "tokens_per_round": agg["new_tokens"] / max(agg["rounds"], 1), "identical": d["identical"],
+                    "tokens_per_round": agg["new_tokens"] / max(agg["rounds"], 1), "identical": identical[r.name],
                     "draft_extra_bytes": draft_extra_bytes(r.draft)}
         res[r.name] = row
     for r in runs:
         if r.draft is not None:
-            base = res[plain_of[r.name]]
-            res[r.name]["speedup"] = res[r.name]["tokens_per_s"] / base["tokens_per_s"]
-            res[r.name]["decode_speedup"] = res[r.name]["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+            base, row, p = res[plain_of[r.name]], res[r.name], t[plain_of[r.name]]
+            row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
+            row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+            row["paired_speedup"] = statistics.median(
+                p[rep][i] / t[r.name][rep][i] for rep in range(repeats) for i in range(len(ids_list)))
     return res
 
 
@@ -261,7 +264,7 @@ def main():
     out.write_text(json.dumps(report, indent=2))
     for name, r in res.items():
         extra = "" if "acceptance" not in r else (
-            f" speedup {r['speedup']:.2f} decode {r['decode_speedup']:.2f} acc {r['acceptance']:.2f} "
+            f" speedup {r['speedup']:.2f} paired {r['paired_speedup']:.2f} decode {r['decode_speedup']:.2f} acc {r['acceptance']:.2f} "
             f"tok/round {r['tokens_per_round']:.2f} identical {r['identical']} mem x{r.get('resident_ratio', 0):.2f}")
         print(f"{name:24s} {r['tokens_per_s']:6.2f} tok/s decode {r['decode_tokens_per_s']:6.2f}{extra}")
     print("wrote", out)

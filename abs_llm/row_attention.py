@@ -11,7 +11,11 @@ output as the verifier", so the verifier's attention is wrapped:
 - one query row, or a prefill (no cache: as many keys as queries): the base function, unchanged, so the verifier's own
   decoding gives exactly what it gave before;
 - several query rows on a cache: each row attends to its own key prefix in a one-row call of the base function, i.e.
-  exactly the call plain decoding makes for that position.
+  exactly the call plain decoding makes for that position;
+- the first verification step has no cache yet: transformers runs the prompt and the first drafts as one prefill, whose
+  attention kernel blocks its rows by the total length. A forward pre-hook reads ``logits_to_keep`` (= drafts + 1,
+  1 in plain decoding) and the wrapper then runs the prompt rows as the prefill plain generation runs, and the draft
+  rows one by one.
 
 The wrapper is registered with transformers' attention and mask interfaces as ``abs_llm_rowwise_<base>`` for ``sdpa``
 and ``eager``. Its cost is ``K`` extra small attention calls per layer in each verification step.
@@ -25,6 +29,7 @@ import torch
 
 PREFIX = "abs_llm_rowwise_"
 BASES = ("sdpa", "eager")
+_PROMPT_ROWS: dict[int, int] = {}  # id(config) -> prompt rows of the no-cache forward now running (first verification)
 
 
 def _base_function(base: str, module):
@@ -49,16 +54,20 @@ def rowwise(base: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         fn = _base_function(base, module)
         q_len, kv_len = query.shape[2], key.shape[2]
-        if q_len == 1 or kv_len <= q_len:
+        prompt = _PROMPT_ROWS.get(id(getattr(module, "config", None)), q_len) if kv_len == q_len else 0
+        if q_len == 1 or kv_len < q_len or prompt >= q_len:
             return fn(module, query, key, value, attention_mask, **kwargs)
-        kwargs.pop("is_causal", None)  # one row: causality is the key prefix itself
         plain = _plain_causal(attention_mask, q_len, kv_len)
-        past, rows = kv_len - q_len, []
-        for i in range(q_len):
+        rows = []
+        if prompt:  # the prefill plain generation runs on the prompt alone (sdpa then gets no mask: is_causal)
+            mask = None if plain and base == "sdpa" else attention_mask[..., :prompt, :prompt]
+            rows.append(fn(module, query[:, :, :prompt], key[:, :, :prompt], value[:, :, :prompt], mask, **kwargs)[0])
+        kwargs.pop("is_causal", None)  # one row: causality is the key prefix itself
+        past = kv_len - q_len
+        for i in range(prompt, q_len):
             n = past + i + 1
             mask = None if plain else attention_mask[..., i : i + 1, :n]
-            out, _ = fn(module, query[:, :, i : i + 1], key[:, :, :n], value[:, :, :n], mask, **kwargs)
-            rows.append(out)
+            rows.append(fn(module, query[:, :, i : i + 1], key[:, :, :n], value[:, :, :n], mask, **kwargs)[0])
         return torch.cat(rows, dim=1), None  # attention functions return (batch, q, heads, dim)
 
     attention.__name__ = f"{PREFIX}{base}"
@@ -81,6 +90,32 @@ def base_of(impl: str | None) -> str | None:
     return impl[len(PREFIX):] if isinstance(impl, str) and impl.startswith(PREFIX) else impl
 
 
+def _configs(model) -> list:
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [config] if text is config else [config, text]
+
+
+def _prompt_rows_hook(model, args, kwargs):
+    keep = kwargs.get("logits_to_keep")
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    fresh = cache is None or cache.get_seq_length() == 0
+    if fresh and isinstance(keep, int) and not isinstance(keep, bool) and tokens is not None and 1 < keep <= tokens.shape[1]:
+        for c in _configs(model):
+            _PROMPT_ROWS[id(c)] = tokens.shape[1] - keep + 1
+
+
+def _prompt_rows_clear(model, args, kwargs, output=None):
+    for c in _configs(model):
+        _PROMPT_ROWS.pop(id(c), None)
+
+
+_prompt_rows_hook.abs_llm_internal = _prompt_rows_clear.abs_llm_internal = True  # not copied into drafts
+
+
 def make_rowwise(model) -> bool:
     """Route ``model``'s attention through the row-exact wrapper of its current implementation. Returns ``False``
     (and changes nothing) where that is not possible: an implementation other than sdpa/eager, or a model that does
@@ -93,7 +128,11 @@ def make_rowwise(model) -> bool:
         return False
     register()
     model.set_attn_implementation(PREFIX + impl)
-    return config._attn_implementation == PREFIX + impl
+    if config._attn_implementation != PREFIX + impl:
+        return False
+    model.register_forward_pre_hook(_prompt_rows_hook, with_kwargs=True)
+    model.register_forward_hook(_prompt_rows_clear, with_kwargs=True, always_call=True)
+    return True
 
 
 def make_plain(model) -> None:

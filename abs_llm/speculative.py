@@ -172,7 +172,9 @@ def _view(module: nn.Module, memo: dict, swap: dict, root: nn.Module) -> nn.Modu
         elif key == "forward":  # e.g. accelerate's device-map hooks: a closure over the verifier's own module
             raise ValueError(f"module {type(module).__name__} has a replaced forward ({value!r}), e.g. from a "
                              "device_map/offload hook; draft_model needs a model loaded without device_map")
-        elif isinstance(value, (dict, list, set)):  # hooks, OrderedDict cache, ...: never shared
+        elif isinstance(value, dict) and key.endswith("hooks"):  # own hook dicts, without the verifier-only ones
+            state[key] = type(value)((k, h) for k, h in value.items() if not getattr(h, "abs_llm_internal", False))
+        elif isinstance(value, (dict, list, set)):  # OrderedDict cache, ...: never shared
             state[key] = copy.copy(value)
         else:
             state[key] = value

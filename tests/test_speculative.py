@@ -45,9 +45,10 @@ def test_assisted_greedy_equals_plain_greedy(draft_bits, k):
 def test_assisted_greedy_equals_plain_in_bf16_with_integer_kernels():
     # hidden 128 / intermediate 256 / vocab 256 fit the CPU int4/int8 kernels; bf16 is where attention rounding
     # differs between one-row and many-row calls, which the row-exact wrapper removes
-    model = _verifier(torch.bfloat16, hidden_size=128, intermediate_size=256, vocab_size=256)
+    model = _verifier(torch.bfloat16, hidden_size=128, intermediate_size=256, vocab_size=256,
+                      max_position_embeddings=512)
     assert {m.packed(torch.bfloat16, torch.device("cpu")).kernel for m in switchable_layers(model).values()} == {"int4x2"}
-    ids = _prompt(12)
+    ids = _prompt(190)  # long enough for sdpa's prefill blocking to depend on the prefill length
     with torch.no_grad():
         plain = model.generate(ids, max_new_tokens=48, do_sample=False)
     for bits, head in [(4, None), (3, 4)]:
@@ -68,6 +69,22 @@ def test_row_exact_attention_matches_one_token_steps():
         cache = model(ids[:, :20], use_cache=True).cache
         chunk = model(ids[:, 20:30], cache=cache).logits
     assert torch.equal(steps, chunk)
+
+
+def test_first_verification_step_matches_prefill_then_steps():
+    # transformers' first assisted step is one no-cache forward over prompt + drafts, with logits_to_keep = drafts + 1
+    model = _verifier(torch.bfloat16, hidden_size=128, intermediate_size=256, max_position_embeddings=512)
+    draft_model(model, bits=4)
+    ids = _prompt(194)
+    with torch.no_grad():
+        out = model(ids[:, :190], logits_to_keep=1)
+        steps, cache = [out.logits], out.cache
+        for i in range(190, 193):
+            steps.append(model(ids[:, i:i + 1], cache=cache, logits_to_keep=1).logits)
+        first = model(ids[:, :193], logits_to_keep=4).logits
+        assert torch.equal(torch.cat(steps, dim=1), first)
+        # a plain forward (no logits_to_keep hint) is still one ordinary prefill, and the hint does not linger
+        assert torch.equal(model(ids[:, :190]).logits[:, -1:], steps[0])
 
 
 def test_draft_shares_tensors_and_owns_only_packed_weights():

@@ -310,9 +310,8 @@ def test_default_model_assisted_equals_plain_greedy():
     ids = prompt_ids(tok, "Summarize this news story in a few sentences:\n\n" + doc[:700])
     with torch.no_grad():
         plain = model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
-    for bits, head, k in [(4, 4, 3), (6, None, 2)]:
-        draft = draft_model(model, bits=bits, head_bits=head, num_assistant_tokens=k, schedule="constant",
-                            confidence_threshold=0)
-        out, stats = generate_with_stats(model, ids, draft, max_new_tokens=64, min_new_tokens=64)
-        assert torch.equal(out, plain), (bits, head)
-        assert stats["acceptance"] > 0.3  # measured 0.6-0.8: a 4/6-bit derivation mostly agrees with INT8
+    draft = draft_model(model, bits=4, head_bits=4, num_assistant_tokens=3, schedule="constant",
+                        confidence_threshold=0)
+    out, stats = generate_with_stats(model, ids, draft, max_new_tokens=64, min_new_tokens=64)
+    assert torch.equal(out, plain)
+    assert stats["acceptance"] > 0.3  # measured ~0.5-0.65: the 4-bit derivation often agrees with INT8

@@ -102,8 +102,9 @@ def _prompt_rows_hook(model, args, kwargs):
     if tokens is None:
         tokens = kwargs.get("inputs_embeds")
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    fresh = cache is None or cache.get_seq_length() == 0
-    if fresh and isinstance(keep, int) and not isinstance(keep, bool) and tokens is not None and 1 < keep <= tokens.shape[1]:
+    if tokens is None or isinstance(keep, bool) or not isinstance(keep, int) or not 1 < keep <= tokens.shape[1]:
+        return
+    if cache is None or cache.get_seq_length() == 0:
         for c in _configs(model):
             _PROMPT_ROWS[id(c)] = tokens.shape[1] - keep + 1
 
@@ -122,16 +123,16 @@ def make_rowwise(model) -> bool:
     not dispatch attention through transformers' AttentionInterface."""
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None)
-    if isinstance(impl, str) and impl.startswith(PREFIX):
-        return True
-    if impl not in BASES or not hasattr(model, "set_attn_implementation"):
-        return False
-    register()
-    model.set_attn_implementation(PREFIX + impl)
-    if config._attn_implementation != PREFIX + impl:
-        return False
-    model.register_forward_pre_hook(_prompt_rows_hook, with_kwargs=True)
-    model.register_forward_hook(_prompt_rows_clear, with_kwargs=True, always_call=True)
+    if not (isinstance(impl, str) and impl.startswith(PREFIX)):
+        if impl not in BASES or not hasattr(model, "set_attn_implementation"):
+            return False
+        register()
+        model.set_attn_implementation(PREFIX + impl)
+        if config._attn_implementation != PREFIX + impl:
+            return False
+    if _prompt_rows_hook not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_prompt_rows_hook, with_kwargs=True)
+        model.register_forward_hook(_prompt_rows_clear, with_kwargs=True, always_call=True)
     return True
 
 
@@ -141,3 +142,6 @@ def make_plain(model) -> None:
     impl = getattr(config, "_attn_implementation", None)
     if isinstance(impl, str) and impl.startswith(PREFIX):
         model.set_attn_implementation(base_of(impl))
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, h in hooks.items() if h in (_prompt_rows_hook, _prompt_rows_clear)]:
+            del hooks[key]

@@ -62,7 +62,10 @@ def test_assisted_greedy_equals_plain_in_bf16_with_integer_kernels():
 def test_row_exact_attention_matches_one_token_steps():
     model, ids = _verifier(torch.bfloat16, hidden_size=128, intermediate_size=256), _prompt(30)
     draft_model(model, bits=4)
-    assert model.config._attn_implementation == PREFIX + "sdpa"
+    draft = draft_model(model, bits=2)  # a second draft adds no second hook, and its own attention stays plain
+    assert model.config._attn_implementation == PREFIX + "sdpa" and draft.config._attn_implementation == "sdpa"
+    assert [type(h).__name__ for h in model._forward_pre_hooks.values()].count("function") == 1
+    assert not draft._forward_pre_hooks
     with torch.no_grad():
         cache = model(ids[:, :20], use_cache=True).cache
         steps = torch.cat([model(ids[:, i:i + 1], cache=cache).logits for i in range(20, 30)], dim=1)

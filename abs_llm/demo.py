@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-CANDIDATES = [8, 6, 4, 3, 2]
 MARKER = "demo_results.json"
 
 
@@ -25,9 +24,9 @@ def _generate(model, tok, prompt: str, max_new_tokens: int = 20) -> str:
 def demo(out_dir="outputs/demo", group_size=64, max_chunks=None, prompt="The capital of France is") -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import DoubleRoundingConfig, set_bits
+    from . import DoubleRoundingConfig
     from .data import default_corpus, default_model_path
-    from .evaluation import perplexity, plot_ppl
+    from .evaluation import evaluate_bits, perplexity, plot_ppl, ppl_table
     from .switching import model_bytes
 
     out = Path(out_dir)
@@ -45,7 +44,7 @@ def demo(out_dir="outputs/demo", group_size=64, max_chunks=None, prompt="The cap
     rows = [{"bits": "fp32", "ppl": fp_ppl, "bytes": model_bytes(fp), "sample": _generate(fp, tok, prompt)}]
     del fp
 
-    cfg = DoubleRoundingConfig(bits=8, candidate_bits=CANDIDATES, master_bits=8, group_size=group_size)
+    cfg = DoubleRoundingConfig(group_size=group_size)
     t = time.perf_counter()
     qm = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, dtype=torch.float32)
     quantize_s = time.perf_counter() - t
@@ -54,18 +53,14 @@ def demo(out_dir="outputs/demo", group_size=64, max_chunks=None, prompt="The cap
     tok.save_pretrained(ckpt)
     del qm
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()  # everything below runs on the reloaded checkpoint
-    for b in CANDIDATES:
-        set_bits(model, b)
-        rows.append({"bits": b, "ppl": perplexity(model, tok, texts, max_chunks=max_chunks),
-                     "bytes": model_bytes(model, b), "sample": _generate(model, tok, prompt)})
+    rows += evaluate_bits(model, tok, cfg.candidate_bits, texts, max_chunks=max_chunks,
+                          each=lambda m, b: {"sample": _generate(m, tok, prompt)})
 
     ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     fp32_bytes = sum(f.stat().st_size for f in Path(src).glob("*.safetensors"))
     print(f"\nswitchable checkpoint {ckpt}: {ckpt_bytes / 1e6:.1f} MB on disk (fp32 checkpoint {fp32_bytes / 1e6:.1f} MB,"
           f" bf16 {fp32_bytes / 2e6:.1f} MB); quantize-on-load {quantize_s:.1f} s")
-    print("\n| bits | PPL (held-out) | delta vs FP | bytes at this width |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['bits']} | {r['ppl']:.3f} | {100 * (r['ppl'] / fp_ppl - 1):+.2f}% | {r['bytes'] / 1e6:.1f} MB |")
+    print("\nheld-out perplexity:\n" + ppl_table(rows, fp_ppl))
     print(f"\ngreedy generations for {prompt!r}:")
     for r in rows:
         print(f"  [{r['bits']:>4}] {r['sample'][:100]}")

@@ -253,6 +253,7 @@ def add_generate(sub):
                    help="use the prompt as raw text even if the tokenizer has a chat template")
     p.add_argument("--compare", action="store_true", help="also run the verifier alone: speed-up, identical text")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _eval_flags(p, tokenizer_only=True)
     p.set_defaults(func=run_generate)
 
 
@@ -262,7 +263,7 @@ def run_generate(args):
     r = generate(args.checkpoint, args.prompt, bits=args.bits, draft_bits=args.draft_bits,
                  head_bits=args.draft_head_bits, num_assistant_tokens=args.num_assistant_tokens,
                  schedule=args.schedule, max_new_tokens=args.max_new_tokens, compare=args.compare, dtype=args.dtype,
-                 chat=args.chat)
+                 chat=args.chat, tokenizer=args.tokenizer)
     if args.json:
         print(json.dumps(r, indent=2))
         return
@@ -275,8 +276,6 @@ def run_generate(args):
         line += (f"; verifier alone {r['verifier_tokens_per_s']:.1f} tokens/s, speed-up {r['speedup']:.2f}x, "
                  f"identical text: {'yes' if r['identical'] else 'NO'}")
     print(line, file=sys.stderr)
-# ---- end generate ------------------------------------------------------------------------------------------------------
-
 
 # ---- main -------------------------------------------------------------------------------------------------------------
 COMMANDS = [add_demo, add_quantize, add_eval, add_train, add_search, add_export, add_push, add_generate]

@@ -51,31 +51,29 @@ def prompt_ids(tokenizer, prompt: str, chat: bool | None = None) -> torch.Tensor
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
-def load(checkpoint: str, dtype: str = "bfloat16"):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .switching import switchable_layers
+def load(checkpoint: str, dtype: str = "bfloat16", tokenizer=None):
+    """``(model, tokenizer)`` of a switchable checkpoint (:func:`abs_llm.pipeline.load_checkpoint`), cast to ``dtype``
+    activations."""
+    from .pipeline import load_checkpoint
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; choose one of {sorted(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    if not switchable_layers(model):
-        raise ValueError(f"{checkpoint} is not a switchable checkpoint (no double_rounding layers); make one with "
-                         "`abs-llm quantize --out DIR`")
-    return model.to(DTYPES[dtype]), AutoTokenizer.from_pretrained(checkpoint)
+    model, tok = load_checkpoint(checkpoint, tokenizer_path=tokenizer)
+    return model.eval().to(DTYPES[dtype]), tok
 
 
 def generate(checkpoint: str, prompt: str, bits=None, draft_bits=None, head_bits: int | None = None,
              num_assistant_tokens: int | None = None, schedule: str | None = None, max_new_tokens: int = 128,
-             compare: bool = False, dtype: str = "bfloat16", chat: bool | None = None) -> dict:
+             compare: bool = False, dtype: str = "bfloat16", chat: bool | None = None, tokenizer=None) -> dict:
     """Greedy generation at ``bits`` (default: the checkpoint's), assisted by a ``draft_bits`` draft when given.
-    With ``compare`` the verifier also runs alone, for the speed ratio and a check that the text is identical."""
+    With ``compare`` the verifier also runs alone, for the speed ratio and a check that the text is identical.
+    ``tokenizer`` overrides the checkpoint's (path or HF id)."""
     from .speculative import draft_extra_bytes, draft_model, generate_with_stats
     from .switching import set_bits, switchable_layers
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    model, tok = load(checkpoint, dtype)
+    model, tok = load(checkpoint, dtype, tokenizer)
     names = list(switchable_layers(model))
     if bits is not None:
         set_bits(model, parse_bits(bits, names))

@@ -28,11 +28,12 @@ from torch import nn
 
 from . import core, kernels, row_attention
 from .layers import SwitchableLinear
-from .switching import _require_layers, set_bits
+from .switching import check_bits, require_layers, set_bits
 
 logger = logging.getLogger(__name__)
 
 _SHARED = ("_parameters", "_buffers")  # the same dict objects as the verifier's: tensors are never copied
+_MEMOS = ("_abs_llm_layers",)  # switching.switchable_layers' memo: it would name the verifier's layers to the draft
 _OWN_METHODS = ("save_pretrained", "push_to_hub")  # instance-level overrides (atomic save) would save the verifier
 
 
@@ -159,6 +160,8 @@ def _view(module: nn.Module, memo: dict, swap: dict, root: nn.Module) -> nn.Modu
     memo[id(module)] = new
     state = {}
     for key, value in module.__dict__.items():
+        if key in _MEMOS:
+            continue
         if key in _SHARED:
             state[key] = value
         elif key == "_modules":
@@ -218,7 +221,7 @@ def draft_model(model: nn.Module, bits: int | dict[str, int] = 4, head_bits: int
     Returns a model of the same class, for ``model.generate(ids, assistant_model=draft)``. ``set_bits(draft, b)``
     and ``set_bits(model, b)`` are independent. The draft refuses ``save_pretrained``, pickling and ``to()``.
     """
-    layers = _require_layers(model)
+    layers = require_layers(model)
     if getattr(model, "is_abs_llm_draft", False):
         raise ValueError("model is already a draft; pass the verifier to draft_model")
     if any(m.trainable for m in layers.values()):
@@ -266,10 +269,7 @@ def _check_plan(layers: dict[str, SwitchableLinear], bits) -> None:
     for name, b in plan.items():
         if name not in layers:
             raise ValueError(f"draft bits name an unknown layer {name!r}; see abs_llm.get_bits(model) for the names")
-        allowed = layers[name].candidate_bits
-        if isinstance(b, bool) or not isinstance(b, int) or b not in allowed:
-            raise ValueError(f"draft bits={b!r} for {name} is not a candidate bit-width of the verifier's master; "
-                             f"allowed {sorted(allowed)} (see DoubleRoundingConfig.candidate_bits)")
+        check_bits(layers[name], b, what="draft bits", where=f" for {name} (the verifier's master candidates)")
 
 
 def draft_extra_bytes(draft: nn.Module) -> int:

@@ -11,20 +11,9 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from abs_llm import DoubleRoundingConfig, draft_model, get_bits, quantize, set_bits, switchable_layers
 from abs_llm.row_attention import PREFIX
 from abs_llm.speculative import LowBitHead, draft_extra_bytes, generate_with_stats
+from tests.conftest import prompt_ids as _prompt
 from tests.conftest import tiny_llama_config
-
-
-def _verifier(dtype=torch.float32, group_size=64, **cfg):
-    # initializer_range 0.1: a random tiny Llama then writes varied text instead of one repeated token, so a 2-bit
-    # draft is often wrong and the rejection path of assisted generation is exercised
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(initializer_range=0.1, **cfg)).eval()
-    quantize(model, DoubleRoundingConfig(bits=8, group_size=group_size))
-    return model.to(dtype)
-
-
-def _prompt(n=8, seed=3):
-    return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+from tests.conftest import varied_verifier as _verifier
 
 
 @pytest.mark.parametrize("draft_bits, k", [(4, 3), (2, 1)])
@@ -57,37 +46,6 @@ def test_assisted_greedy_equals_plain_in_bf16_with_integer_kernels():
         out, stats = generate_with_stats(model, ids, draft, max_new_tokens=48)
         assert torch.equal(out, plain), (bits, head)
         assert stats["drafted"] > 0
-
-
-def test_row_exact_attention_matches_one_token_steps():
-    model, ids = _verifier(torch.bfloat16, hidden_size=128, intermediate_size=256), _prompt(30)
-    draft_model(model, bits=4)
-    draft = draft_model(model, bits=2)  # a second draft adds no second hook, and its own attention stays plain
-    assert model.config._attn_implementation == PREFIX + "sdpa" and draft.config._attn_implementation == "sdpa"
-    assert [type(h).__name__ for h in model._forward_pre_hooks.values()].count("function") == 1
-    assert not draft._forward_pre_hooks
-    with torch.no_grad():
-        cache = model(ids[:, :20], use_cache=True).cache
-        steps = torch.cat([model(ids[:, i:i + 1], cache=cache).logits for i in range(20, 30)], dim=1)
-        cache = model(ids[:, :20], use_cache=True).cache
-        chunk = model(ids[:, 20:30], cache=cache).logits
-    assert torch.equal(steps, chunk)
-
-
-def test_first_verification_step_matches_prefill_then_steps():
-    # transformers' first assisted step is one no-cache forward over prompt + drafts, with logits_to_keep = drafts + 1
-    model = _verifier(torch.bfloat16, hidden_size=128, intermediate_size=256, max_position_embeddings=512)
-    draft_model(model, bits=4)
-    ids = _prompt(194)
-    with torch.no_grad():
-        out = model(ids[:, :190], logits_to_keep=1)
-        steps, cache = [out.logits], out.cache
-        for i in range(190, 193):
-            steps.append(model(ids[:, i:i + 1], cache=cache, logits_to_keep=1).logits)
-        first = model(ids[:, :193], logits_to_keep=4).logits
-        assert torch.equal(torch.cat(steps, dim=1), first)
-        # a plain forward (no logits_to_keep hint) is still one ordinary prefill, and the hint does not linger
-        assert torch.equal(model(ids[:, :190]).logits[:, -1:], steps[0])
 
 
 def test_draft_shares_tensors_and_owns_only_packed_weights():
@@ -243,58 +201,6 @@ def test_low_bit_head_shares_the_weight_and_tracks_it():
         m = _verifier()
         m.lm_head = torch.nn.Identity()
         draft_model(m, bits=4, head_bits=4)
-
-
-def _char_tokenizer():
-    """Character-level tokenizer inside the tiny model's 128-token vocabulary (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<eos>": 1} | {chr(i): i for i in range(32, 127)} | {"\n": 127}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                  eos_token="<eos>", unk_token="<unk>")
-    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return tok
-
-
-def test_cli_generate_with_draft(tmp_path, capsys):
-    import json
-
-    from abs_llm.cli import main as cli
-
-    model = _verifier()
-    names = list(switchable_layers(model))
-    model.save_pretrained(tmp_path / "v")
-    _char_tokenizer().save_pretrained(tmp_path / "v")
-    set_bits(model, 4)
-    set_bits(model, {names[0]: 2})
-    model.save_pretrained(tmp_path / "map")  # a per-layer map, as `abs-llm search --out` writes it
-    argv = ["generate", str(tmp_path / "v"), "--prompt", "the cat sat", "--dtype", "float32", "--max-new-tokens", "24"]
-    assert cli(argv + ["--draft-bits", str(tmp_path / "map"), "--num-assistant-tokens", "3", "--compare",
-                       "--json"]) == 0
-    r = json.loads(capsys.readouterr().out)
-    assert r["identical"] and r["new_tokens"] == r["rounds"] + r["accepted"] and r["drafted"] > 0
-    assert 0 <= r["acceptance"] <= 1 and r["speedup"] > 0
-    assert cli(argv + ["--draft-bits", "4"]) == 0
-    out, err = capsys.readouterr()
-    assert "tokens/s" in err and "acceptance" in err and out.strip()
-    assert cli(argv + ["--draft-bits", "5"]) == 2
-    assert "not a candidate" in capsys.readouterr().err
-
-
-def test_parse_bits_completes_a_saved_layer_map(tmp_path):
-    from abs_llm.generate import parse_bits
-
-    model = _verifier()
-    names = list(switchable_layers(model))
-    set_bits(model, 4)
-    set_bits(model, {names[1]: 6})
-    model.save_pretrained(tmp_path)
-    bits = parse_bits(str(tmp_path), names)
-    assert bits == {n: 6 if n == names[1] else 4 for n in names}
-    assert parse_bits("3") == 3
-    with pytest.raises(ValueError, match="neither an integer"):
-        parse_bits(str(tmp_path / "missing"))
 
 
 @pytest.mark.integration

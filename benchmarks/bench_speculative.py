@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import cpu_name
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import abs_llm
@@ -37,13 +38,6 @@ from abs_llm.speculative import draft_extra_bytes, draft_model, generate_with_st
 
 RESULTS = Path(__file__).parent / "results"
 TASK = "Summarize this news story in a few sentences:\n\n"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def build(group):
@@ -114,6 +108,9 @@ def measure(runs, plain_of, ids_list, repeats):
                     t1[r.bits][rep][i] = generate_with_stats(r.model, ids, None, max_new_tokens=1)[1]["seconds"]
                 else:
                     identical[r.name] &= bool(torch.equal(out, ref[(plain_of[r.name], i)]))
+                print(f"    rep {rep} prompt {i} {r.name}: {st['seconds']:.2f} s, {st['new_tokens']} tokens"
+                      + (f", accepted {st['accepted']}/{st['drafted']}, identical {identical[r.name]}"
+                         if r.draft is not None else ""), flush=True)
         print(f"  rep {rep}: " + ", ".join(f"{r.name} {stats[r.name]['new_tokens'] / sum(t[r.name][rep]):.2f}"
                                          for r in runs), flush=True)
     res = {}
@@ -205,6 +202,8 @@ def main():
     ap.add_argument("--schedule", default="constant")
     ap.add_argument("--drafts", default="2,3,4,6")
     ap.add_argument("--verifiers", default="8,6")
+    ap.add_argument("--shared-head-drafts", default="4", help="main: drafts that share the verifier's bf16 lm_head "
+                                                                  "('' for none)")
     ap.add_argument("--tune-k", default="1,2,3,4")
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--out", default=None)
@@ -250,8 +249,9 @@ def main():
             for db in [int(x) for x in args.drafts.split(",")]:
                 add(f"v{vb} d{db} h4", vb, db, 4, num_assistant_tokens=args.k, schedule=args.schedule,
                     confidence_threshold=0)
-            add(f"v{vb} d4 hshared", vb, 4, None, num_assistant_tokens=args.k, schedule=args.schedule,
-                confidence_threshold=0)
+            for db in [int(x) for x in args.shared_head_drafts.split(",") if x.strip()]:
+                add(f"v{vb} d{db} hshared", vb, db, None, num_assistant_tokens=args.k, schedule=args.schedule,
+                    confidence_threshold=0)
     start = time.time()
     res = measure(runs, plain_of, ids_list, args.repeats)
     mem = memory(model, res)

@@ -200,6 +200,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--k", type=int, default=2, help="main: draft tokens per step (chosen by tune)")
     ap.add_argument("--schedule", default="constant")
+    ap.add_argument("--confidence", type=float, default=0.0,
+                    help="main: the draft's assistant_confidence_threshold (0: always draft K tokens)")
     ap.add_argument("--drafts", default="2,3,4,6")
     ap.add_argument("--verifiers", default="8,6")
     ap.add_argument("--shared-head-drafts", default="4", help="main: drafts that share the verifier's bf16 lm_head "
@@ -248,10 +250,10 @@ def main():
             add(f"v{vb}", vb)
             for db in [int(x) for x in args.drafts.split(",")]:
                 add(f"v{vb} d{db} h4", vb, db, 4, num_assistant_tokens=args.k, schedule=args.schedule,
-                    confidence_threshold=0)
+                    confidence_threshold=args.confidence)
             for db in [int(x) for x in args.shared_head_drafts.split(",") if x.strip()]:
                 add(f"v{vb} d{db} hshared", vb, db, None, num_assistant_tokens=args.k, schedule=args.schedule,
-                    confidence_threshold=0)
+                    confidence_threshold=args.confidence)
     start = time.time()
     res = measure(runs, plain_of, ids_list, args.repeats)
     mem = memory(model, res)

@@ -29,3 +29,16 @@ def test_bench_gpu_smoke(tmp_path):
     assert res["switch"]["8->4"]["cold_s"] > 0
     tail = proc.stdout.rstrip().splitlines()[-4:]  # the table, the targets and the summary come last
     assert any(x.startswith("Targets (issue 12)") for x in tail) and tail[-1].startswith("one-token forward")
+
+
+def test_gpu_tune_smoke(tmp_path):
+    """benchmarks/gpu_tune.py --smoke: the config sweep runs end to end and ranks the configs it timed."""
+    pytest.importorskip("triton")
+    out = tmp_path / "tune.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_tune.py"), "--smoke", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert {(r["bits"], r["path"]) for r in res["rows"]} == {(b, p) for b in (8, 4, 3) for p in ("gemv", "gemm")}
+    assert [r["cfg"] for r in res["ranking"]["gemv"]] and all(r["best"]["us"] > 0 for r in res["rows"])

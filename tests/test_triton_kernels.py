@@ -104,11 +104,18 @@ def test_odd_widths():
 @pytest.mark.parametrize("bits", [8, 4, 3])
 def test_split_k_tiles_and_row_buckets(bits):
     q, s = master(40, 320, 128)  # 2.5 groups of 128, like SmolLM2's 576 = 4.5 x 128
-    run(q, s, bits, 128, torch.bfloat16, 1, force={"gemv": (triton_linear.GEMV_CONFIGS[1], 1)})
+    run(q, s, bits, 128, torch.bfloat16, 1, force={"gemv": (triton_linear.GEMV_CONFIGS[2], 1)})
     run(q, s, bits, 128, torch.bfloat16, 1, force={"gemv": (triton_linear.GEMV_CONFIGS[0], 3)})
     for m, split in ((2, 1), (17, 3), (40, 2)):  # row buckets 16 and 64 (the GEMM's BM)
         cfg = triton_linear.GEMM_CONFIGS[16 if m <= 16 else 64][0]
         run(q, s, bits, 128, torch.float16, m, force={"gemm": (cfg, split)})
+
+
+def test_dense_candidate_of_the_gemm_path():
+    """The tuner's cuBLAS fallback (transient dequantized weight) computes the same product as the GEMM."""
+    q, s = master(40, 320, 64)
+    for bits in (8, 3):
+        run(q, s, bits, 64, torch.bfloat16, 5, force={"gemm": (triton_linear.DENSE, 1)})
 
 
 def test_many_rows_use_a_transient_dense_weight(monkeypatch):

@@ -28,8 +28,12 @@ from .triton_pack import pack_planes_triton
 # scale kind and dtype; the split-K candidates that double them are free (a runtime argument). Register use was
 # checked by compiling for sm_90 without a GPU (benchmarks/compile_check.py): <= 168 per thread, no spills, except
 # the 8-bit master GEMV with BN=64 (211-255), which the tuner can reject for BN=32 (115-128).
-GEMV_CONFIGS = ((64, 256, 4), (32, 256, 4))
-GEMM_CONFIGS = {16: ((64, 128, 4),), 64: ((64, 128, 8),)}  # per row bucket (BM); 8 warps hold the 64x64 acc
+# benchmarks/gpu_tune.py swept 48 GEMV and 36 GEMM configs (x 3 splits) on an H200 (benchmarks/results/
+# gpu_tune_h200.json): these are the best by geometric mean over 8B-wide shapes and widths (within 4% of each row's
+# best); num_stages made no measurable difference; twice the occupancy split was often the best split.
+GEMV_CONFIGS = ((64, 256, 4), (64, 512, 4), (32, 512, 4))
+GEMM_CONFIGS = {16: ((64, 64, 4), (64, 128, 4)), 64: ((64, 128, 8),)}  # per row bucket (BM); 8 warps: 64x64 acc
+DENSE = "dense"  # a GEMM-path candidate: dequantize to a transient weight, then one cuBLAS matmul
 DENSE_ROWS = 1024  # above this many rows: transient dequantized weight + F.linear (compute-bound, cuBLAS wins)
 TUNE = True  # False: take the first candidate untimed (the GPU self-test does, to compile less)
 TUNED: dict = {}  # key -> (config, split)
@@ -85,7 +89,11 @@ class TritonLinear:
 
     def launch(self, x2, y, path, cfg, split):
         m = x2.shape[0]
-        bn, cols_per_iter, warps = cfg
+        if cfg == DENSE:  # transient dequantized weight + cuBLAS: the tuner's fallback where the GEMM loses to it
+            torch.mm(x2, self.dense(x2.dtype).t(), out=y)
+            return
+        bn, cols_per_iter, warps, *rest = cfg  # (BN, columns per iteration, num_warps[, num_stages])
+        stages = rest[0] if rest else 2
         nb = max(1, cols_per_iter // (self.lanes * self.consts["SEG_"]))
         bps, split = self._split_plan(split, nb)
         part = torch.empty(split, m, self.n, dtype=torch.float32, device=x2.device) if split > 1 else self.dummy
@@ -93,12 +101,12 @@ class TritonLinear:
         if path == "gemv":
             grid = (triton.cdiv(self.n, bn), split)
             _gemv_kernel[grid](x2, y, part, *self.ptrs, self.n, self.k, ng, self.nblk, bps, split, **self.consts,
-                               BN=bn, NB=nb, num_warps=warps, num_stages=2)
+                               BN=bn, NB=nb, num_warps=warps, num_stages=stages)
         else:
             bm = _rows_bucket(m)
             grid = (triton.cdiv(self.n, bn), split, triton.cdiv(m, bm))
             _gemm_kernel[grid](x2, y, part, *self.ptrs, m, self.n, self.k, x2.stride(0), ng, self.nblk, bps,
-                               split, **self.consts, BM=bm, BN=bn, NB=nb, num_warps=warps, num_stages=2)
+                               split, **self.consts, BM=bm, BN=bn, NB=nb, num_warps=warps, num_stages=stages)
         if split > 1:
             _reduce_kernel[(triton.cdiv(m * self.n, 1024),)](part, y, m * self.n, split, BLOCK=1024, num_warps=4)
 
@@ -116,8 +124,8 @@ class TritonLinear:
         for cfg in GEMV_CONFIGS if path == "gemv" else GEMM_CONFIGS[_rows_bucket(m)]:
             programs = triton.cdiv(self.n, cfg[0]) * (1 if path == "gemv" else triton.cdiv(m, _rows_bucket(m)))
             split = min(self.nblk, max(1, math.ceil(3 * sms / programs)))
-            out += [(cfg, split)] + ([(cfg, 1)] if split > 1 else [])
-        return out
+            out += [(cfg, s) for s in dict.fromkeys((split, min(self.nblk, 2 * split), 1))]
+        return out + ([(DENSE, 1)] if path == "gemm" and self.device.type == "cuda" else [])
 
     def choose(self, x2, y, path):
         m = x2.shape[0]

@@ -230,7 +230,7 @@ def draft_model(model: nn.Module, bits: int | dict[str, int] = 4, head_bits: int
         raise ValueError(f"schedule={schedule!r}; choose 'constant', 'heuristic' or 'heuristic_transient'")
     if num_assistant_tokens is not None and (isinstance(num_assistant_tokens, bool) or num_assistant_tokens < 1):
         raise ValueError(f"num_assistant_tokens must be a positive integer, got {num_assistant_tokens!r}")
-    _check_plan(layers, bits)
+    _check_plan(model, layers, bits)
     head_name, head = _float_head(model) if head_bits is not None else (None, None)
     if head_bits is not None and head is None:
         raise ValueError("head_bits needs a float nn.Linear lm_head (get_output_embeddings()); this model has none. "
@@ -263,13 +263,15 @@ def draft_model(model: nn.Module, bits: int | dict[str, int] = 4, head_bits: int
     return draft
 
 
-def _check_plan(layers: dict[str, SwitchableLinear], bits) -> None:
+def _check_plan(model: nn.Module, layers: dict[str, SwitchableLinear], bits) -> None:
     """Validate before building anything, with the draft's wording (set_bits would say the same later)."""
-    plan = bits if isinstance(bits, dict) else {n: bits for n in layers}
-    for name, b in plan.items():
+    if not isinstance(bits, dict):
+        check_bits(model, bits, what="draft bits")
+        return
+    for name, b in bits.items():
         if name not in layers:
             raise ValueError(f"draft bits name an unknown layer {name!r}; see abs_llm.get_bits(model) for the names")
-        check_bits(layers[name], b, what="draft bits", where=f" for {name} (the verifier's master candidates)")
+        check_bits(layers[name], b, what="draft bits", where=f" for {name}")
 
 
 def draft_extra_bytes(draft: nn.Module) -> int:

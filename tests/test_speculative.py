@@ -104,8 +104,10 @@ def test_bad_bits_raise_clear_errors():
     quantize(small, quantize_cands)
     with pytest.raises(ValueError, match=r"not a candidate.*allowed \[4, 8\]"):
         draft_model(small, bits=2)
-    with pytest.raises(ValueError, match="not a candidate"):
+    with pytest.raises(ValueError, match=r"^draft bits=5 is not a candidate bit-width; allowed \[2, 3, 4, 6, 8\]$"):
         draft_model(model, bits=5)
+    with pytest.raises(ValueError, match=r"draft bits=7 for model.layers.0.mlp.up_proj is not a candidate"):
+        draft_model(model, bits={"model.layers.0.mlp.up_proj": 7})
     with pytest.raises(ValueError, match="unknown layer"):
         draft_model(model, bits={"model.layers.0.nope": 4})
     with pytest.raises(ValueError, match="no SwitchableLinear"):

@@ -15,7 +15,8 @@ summed; medians are reported. ``tok/s`` is end to end (prefill included); ``deco
 t1 the verifier's own ``generate`` of one token on the same prompt, so the draft's prefill is charged to decoding.
 Every assisted run is compared token for token with the verifier's own greedy output.
 
-Usage: python benchmarks/bench_speculative.py {tune,main} [--group 64|none] [--repeats 3] [--threads 1]
+Usage (from benchmarks/, the repository root on PYTHONPATH): python bench_speculative.py {costs,tune,main}
+[--group 64|none] [--repeats 3] [--threads 1] [--k 1]; the commands of the reported runs are in BENCHMARKS.md.
 """
 
 from __future__ import annotations

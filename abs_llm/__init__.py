@@ -35,6 +35,7 @@ def __getattr__(name):
         "load_default_model": "data",
         "default_corpus": "data",
         "perplexity": "evaluation",
+        "draft_model": "speculative",
     }
     if name in lazy:
         import importlib
@@ -55,4 +56,5 @@ __all__ = [
     "load_default_model",
     "default_corpus",
     "perplexity",
+    "draft_model",
 ]

@@ -234,8 +234,51 @@ def run_search(args):
         print(f"wrote {args.out}/sweep.json and {args.out}/sweep.png")
 
 
+# ---- generate (issue 13: self-speculative decoding) ------------------------------------------------------------------
+def add_generate(sub):
+    p = sub.add_parser("generate", help="greedy text from a switchable checkpoint, optionally drafted at low bits "
+                                        "from the same master (self-speculative decoding)")
+    p.add_argument("checkpoint", help="switchable (double_rounding) checkpoint directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--bits", default=None, help="verifier bits: an integer or a search output dir (default: saved)")
+    p.add_argument("--draft-bits", default=None, help="draft bits (integer or search output dir); omit: no draft")
+    p.add_argument("--draft-head-bits", type=int, default=None,
+                   help="give the draft its own low-bit copy of a float lm_head (e.g. 4)")
+    p.add_argument("--num-assistant-tokens", type=int, default=None, help="draft tokens per step K")
+    p.add_argument("--schedule", default=None, choices=["constant", "heuristic", "heuristic_transient"],
+                   help="how K changes (transformers' num_assistant_tokens_schedule)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", help="activations: bfloat16 (fast integer kernels) or float32")
+    p.add_argument("--no-chat-template", dest="chat", action="store_false", default=None,
+                   help="use the prompt as raw text even if the tokenizer has a chat template")
+    p.add_argument("--compare", action="store_true", help="also run the verifier alone: speed-up, identical text")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _eval_flags(p, tokenizer_only=True)
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args):
+    from .generate import generate
+
+    r = generate(args.checkpoint, args.prompt, bits=args.bits, draft_bits=args.draft_bits,
+                 head_bits=args.draft_head_bits, num_assistant_tokens=args.num_assistant_tokens,
+                 schedule=args.schedule, max_new_tokens=args.max_new_tokens, compare=args.compare, dtype=args.dtype,
+                 chat=args.chat, tokenizer=args.tokenizer)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    print(r["text"])
+    line = f"{r['new_tokens']} tokens in {r['seconds']:.2f} s: {r['tokens_per_s']:.1f} tokens/s"
+    if "acceptance" in r:
+        line += (f"; draft acceptance {r['acceptance']:.1%} ({r['accepted']}/{r['drafted']} drafted tokens, "
+                 f"{r['tokens_per_round']:.2f} tokens per verifier step)")
+    if "speedup" in r:
+        line += (f"; verifier alone {r['verifier_tokens_per_s']:.1f} tokens/s, speed-up {r['speedup']:.2f}x, "
+                 f"identical text: {'yes' if r['identical'] else 'NO'}")
+    print(line, file=sys.stderr)
+
 # ---- main -------------------------------------------------------------------------------------------------------------
-COMMANDS = [add_demo, add_quantize, add_eval, add_train, add_search, add_export, add_push]
+COMMANDS = [add_demo, add_quantize, add_eval, add_train, add_search, add_export, add_push, add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:

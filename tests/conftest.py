@@ -23,6 +23,22 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**kw)
 
 
+def varied_verifier(dtype=torch.float32, group_size=64, **cfg):
+    """A quantized tiny Llama (INT8 master, every width, 8 bits) for speculative decoding tests. initializer_range 0.1:
+    a random tiny Llama then writes varied text instead of one repeated token, so a 2-bit draft is often wrong and
+    the rejection path of assisted generation is exercised."""
+    import abs_llm
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(initializer_range=0.1, **cfg)).eval()
+    abs_llm.quantize(model, DoubleRoundingConfig(bits=8, group_size=group_size))
+    return model.to(dtype)
+
+
+def prompt_ids(n=8, seed=3):
+    return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
 def load_q(path, **cfg):
     """A float checkpoint at ``path`` quantized on load (defaults: INT8 master, every width, group 64, 8 bits)."""
     cfg = {"bits": 8, "candidate_bits": CANDS, "group_size": 64, **cfg}

@@ -207,6 +207,21 @@ CASES = {
     "hasb sigma range": (lambda: __import__("abs_llm.hasb").hasb.HASBSampler(tiny_q(), traces(), sigma_min=0.5,
                                                                             sigma_max=0.2),
                          ValueError, r"0 <= sigma_min <= sigma_max <= 1, got 0.5, 0.2"),
+    # ---- self-speculative draft (issue 13) -------------------------------------------------------------------------
+    "draft bits not candidate": (lambda: abs_llm.draft_model(tiny_q(), bits=3), ValueError,
+                                 r"draft bits=3 is not a candidate bit-width; allowed \[2, 4, 8\]"),
+    "draft layer bits not candidate": (lambda: abs_llm.draft_model(tiny_q(), bits={Q: 6}), ValueError,
+                                       f"draft bits=6 for {Q} is not a candidate bit-width; allowed \\[2, 4, 8\\]"),
+    "draft unknown layer": (lambda: abs_llm.draft_model(tiny_q(), bits={"model.nope": 4}), ValueError,
+                            r"unknown layer 'model.nope'"),
+    "draft of a float model": (lambda: abs_llm.draft_model(LlamaForCausalLM(tiny_llama_config()), bits=4), ValueError,
+                               "no SwitchableLinear layers; quantize it first"),
+    "draft K 0": (lambda: abs_llm.draft_model(tiny_q(), bits=4, num_assistant_tokens=0), ValueError,
+                  "num_assistant_tokens must be a positive integer, got 0"),
+    "draft head bits 9": (lambda: abs_llm.draft_model(tiny_q(), bits=4, head_bits=9), ValueError,
+                          r"head_bits=9 is not derivable from an INT8 master"),
+    "generate dtype": (lambda: run_cli("generate", "/nonexistent", "--prompt", "x", "--dtype", "int8"), CLIError,
+                       r"dtype='int8'; choose one of"),
 }
 
 

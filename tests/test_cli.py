@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from abs_llm import get_bits, set_bits, switchable_layers
 from abs_llm.cli import main
 from abs_llm.lm_eval_tasks import LOCAL_TASK
-from tests.conftest import write_recipe
+from tests.conftest import char_tokenizer, varied_verifier, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [{"bits": 8, "ppl": 12.5, "bytes": 2_000_000}, {"bits": 4, "ppl": 14.25, "bytes": 1_000_000}]
@@ -147,6 +147,29 @@ def test_search_and_sweep(qckpt, tmp_path, monkeypatch, capsys):
     assert main(["search", str(qckpt), "--avg-bits", "4", "--calib-docs", "5", "--calib-seq-len", "16", "--method",
                  "hutchinson", "--n-samples", "2", "--out", str(hutch)]) == 0
     assert json.loads((hutch / "hasb.json").read_text())["calibration"]["method"] == "hutchinson"
+
+
+def test_generate_with_draft(tmp_path, capsys):
+    model = varied_verifier()
+    names = list(switchable_layers(model))
+    model.save_pretrained(tmp_path / "v")
+    char_tokenizer().save_pretrained(tmp_path / "v")
+    set_bits(model, 4)
+    set_bits(model, {names[0]: 2})
+    model.save_pretrained(tmp_path / "map")  # a per-layer map, as `abs-llm search --out` writes it
+    argv = ["generate", str(tmp_path / "v"), "--prompt", "the cat sat", "--dtype", "float32", "--max-new-tokens", "24"]
+    assert main(argv + ["--draft-bits", str(tmp_path / "map"), "--num-assistant-tokens", "3", "--compare",
+                        "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["identical"] and r["new_tokens"] == r["rounds"] + r["accepted"] and r["drafted"] > 0
+    assert 0 <= r["acceptance"] <= 1 and r["speedup"] > 0
+    assert main(argv + ["--draft-bits", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "tokens/s" in err and "acceptance" in err and out.strip()
+    assert main(argv + ["--draft-bits", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "error: draft bits=5" in err and "is not a candidate bit-width" in err
+    assert main(["generate", str(tmp_path / "map" / "nope"), "--prompt", "x"]) == 2
 
 
 def test_train_and_resume_roundtrips_latent_weights(tiny_lm_dir, tmp_path):

@@ -20,6 +20,7 @@ master integers are stored unpadded with shape ``(out, in)`` (8-bit) or packed t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -152,57 +153,118 @@ def fake_quantize(
     bits: int,
     group_size: int | None,
     lsq_grad_scale: bool = False,
+    scale_grad_mult: float = 1.0,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Differentiable Double Rounding for training: the forward value equals
     ``derived_weight(quantize_master(w, scale))`` exactly; gradients are STE for ``w`` (1 inside the clipping range,
     0 outside) and LSQ for ``scale``: per element ``2^d (q_l - W / s_l)`` inside the range and ``2^d * q_l`` (the
     clipped bound) outside, summed over the group. ``lsq_grad_scale`` multiplies the scale gradient by LSQ's
-    ``1 / sqrt(n_group * qmax_l)``.
+    ``1 / sqrt(n_group * qmax_l)``; ``scale_grad_mult`` multiplies it too (ALRS in accumulate mode: applied inside the
+    backward, so it holds wherever the scale lives, DDP bucket or FSDP2 shard). ``fused=True`` runs the same math
+    through ``torch.compile`` (one generated kernel per pass instead of ~10 eager ones; see :func:`_kernels`).
     """
-    s = scale.to(w.dtype)
+    if w.dtype in (torch.float16, torch.bfloat16):  # the grid of freeze()/quantize_master is computed in float32
+        w = w.float()
+    s = scale if scale.dtype == w.dtype else scale.to(w.dtype)
     if lsq_grad_scale:
         cols = w.shape[1]
         g = cols if group_size is None else min(group_size, cols)
         s = grad_scale(s, 1.0 / math.sqrt(g * max(qrange(bits)[1], 1)))
-    return _FakeQuantize.apply(w, s, master_bits, bits, group_size)
+    return _FakeQuantize.apply(w, s, master_bits, bits, group_size, float(scale_grad_mult), bool(fused))
+
+
+def _fq_forward(w2: torch.Tensor, s2: torch.Tensor, inv: torch.Tensor, lo_h: torch.Tensor, lo: torch.Tensor,
+                hi: torch.Tensor, step: torch.Tensor):
+    """Groups as rows: weight ``(out * n_groups, g)``, scale ``(out * n_groups, 1)``; the width enters through 0-dim
+    tensors (``inv = 2^-d``, the bounds, ``step = 2^d``) so one compiled graph serves every width. Returns
+    (dequantized ``W_l``, int8 ``q_l``, mask of the elements inside both clipping ranges). The master clamp needs no
+    pass of its own: for ``round(W/s)`` above the master range ``round(q / 2^d)`` is above ``hi_l`` too, and the
+    master's lower bound ``lo_h = lo_l 2^d`` maps onto ``lo_l``, so clamping once at ``l`` gives the same integers
+    and the mask is ``q_h >= lo_h`` and ``round(q_h / 2^d) <= hi_l`` (which implies the upper master bound)."""
+    q = torch.round(w2 / s2)
+    inside = q >= lo_h
+    q = torch.round(q * inv)  # exact: a power-of-two scaling of an integer (a no-op at d = 0)
+    inside = inside & (q <= hi)
+    q = torch.clamp(q, lo, hi)
+    return q * (s2 * step), q.to(torch.int8), inside
+
+
+def _fq_backward(g2: torch.Tensor, w2: torch.Tensor, s: torch.Tensor, q: torch.Tensor, inside: torch.Tensor,
+                 step: torch.Tensor):
+    """STE gradient of the weight and LSQ gradient of the (flat, one per group) scale from the output gradient in
+    rows of groups. ``sum(g * (2^d q_l - (W/s) inside))`` is computed as ``2^d sum(g q_l) - sum(grad_w W) / s``
+    (``s`` is constant over a group), which never divides the full weight by the scale."""
+    grad_w = g2 * inside
+    grad_s = (g2 * q).sum(-1) * step - (grad_w * w2).sum(-1) / s
+    return grad_w, grad_s
+
+
+_CONSTS: dict = {}
+
+
+def _consts(master_bits: int, bits: int, device, dtype) -> tuple[torch.Tensor, ...]:
+    """``(2^-d, lo_h, lo_l, hi_l, 2^d)`` as 0-dim tensors (exact in any float dtype), made once per width, device and
+    dtype: a training step asks ~ layers x widths times, so nothing is built or converted per call."""
+    key = (master_bits, bits, device, dtype)
+    consts = _CONSTS.get(key)
+    if consts is None:
+        d = master_bits - bits
+        vals = (2.0**-d, qrange(master_bits)[0], *qrange(bits), 2.0**d)
+        consts = _CONSTS[key] = tuple(torch.tensor(float(v), device=device, dtype=dtype) for v in vals)
+    return consts
+
+
+@functools.cache
+def _kernels(fused: bool):
+    """The forward/backward math, eager or through ``torch.compile`` (compiled lazily, once per process)."""
+    if not fused:
+        return _fq_forward, _fq_backward
+    return torch.compile(_fq_forward, fullgraph=True), torch.compile(_fq_backward, fullgraph=True)
+
+
+def _rows_dynamic(fused: bool, *tensors) -> None:
+    """One compiled graph for every layer shape: the row count (``out * n_groups``) is dynamic from the first call,
+    the group length stays static (CPU code generation needs it static to vectorise)."""
+    if fused:
+        for t in tensors:
+            torch._dynamo.mark_dynamic(t, 0)
 
 
 class _FakeQuantize(torch.autograd.Function):
     """:func:`fake_quantize` with its STE/LSQ gradients written out. Composing ``round_ste``/``clamp`` with autograd
-    gives the same gradients (up to one ulp: it multiplies by ``s * (1/s)``) but keeps ~6 float copies of every weight
-    per bit-width alive until the backward; this keeps an int8 ``q_l`` and a bool mask (2 bytes per weight) and runs
-    fewer passes over the weights, which dominate a multi-bit QAT step's overhead."""
+    gives the same gradients (up to a few ulps: it multiplies by ``s * (1/s)``) but keeps ~6 float copies of every
+    weight per bit-width alive until the backward; this keeps an int8 ``q_l`` and a bool mask (2 bytes per weight) and
+    runs fewer passes over the weights, which dominate a multi-bit QAT step's overhead."""
 
     @staticmethod
-    def forward(ctx, w, s, master_bits, bits, group_size):
+    def forward(ctx, w, s, master_bits, bits, group_size, scale_grad_mult=1.0, fused=False):
         cols = w.shape[1]
-        d = master_bits - bits
-        s3 = s.unsqueeze(-1)
-        q = torch.round(_grouped(w, group_size) / s3)
-        lo, hi = qrange(master_bits)
-        inside = (q >= lo) & (q <= hi)  # clamp passes the gradient at its bounds, as torch.clamp does
-        q.clamp_(lo, hi)
-        if d:
-            q.div_(2**d).round_()
-            lo, hi = qrange(bits)
-            inside &= (q >= lo) & (q <= hi)
-            q.clamp_(lo, hi)
-        ctx.save_for_backward(w, s, q.to(torch.int8), inside)
-        ctx.meta = (d, group_size, cols)
-        return _ungrouped(q.mul_(s3 * 2**d), cols)
+        wg = _grouped(w, group_size)
+        w2 = wg.reshape(-1, wg.shape[-1])
+        inv, lo_h, lo, hi, step = _consts(master_bits, bits, w.device, w.dtype)
+        s2 = s.reshape(-1, 1)
+        _rows_dynamic(fused, w2, s2)
+        out, q, inside = _kernels(fused)[0](w2, s2, inv, lo_h, lo, hi, step)
+        ctx.save_for_backward(w, s, q, inside, step)
+        ctx.meta = (group_size, cols, scale_grad_mult, fused)
+        return _ungrouped(out.view(wg.shape), cols)
 
     @staticmethod
     def backward(ctx, grad):
-        w, s, q, inside = ctx.saved_tensors
-        d, group_size, cols = ctx.meta
+        w, s, q, inside, step = ctx.saved_tensors
+        group_size, cols, mult, fused = ctx.meta
         gg = _grouped(grad, group_size)  # the padded tail of a short last group gets zero gradient
-        grad_w = grad_s = None
-        if ctx.needs_input_grad[0]:
-            grad_w = _ungrouped(gg * inside, cols)
-        if ctx.needs_input_grad[1]:  # LSQ: 2^d q_l - W/s inside the range, 2^d q_l (the clipped bound) outside
-            t = _grouped(w, group_size) / s.unsqueeze(-1)
-            grad_s = (gg * (q.to(grad.dtype) * 2**d - t * inside)).sum(-1)
-        return grad_w, grad_s, None, None, None
+        g2 = gg.reshape(-1, gg.shape[-1])
+        w2 = _grouped(w, group_size).reshape(g2.shape)
+        s1 = s.reshape(-1)
+        _rows_dynamic(fused, g2, w2, s1, q, inside)
+        grad_w, grad_s = _kernels(fused)[1](g2, w2, s1, q, inside, step)
+        grad_s = grad_s.view(s.shape) if ctx.needs_input_grad[1] else None
+        if grad_s is not None and mult != 1.0:
+            grad_s = grad_s * mult
+        grad_w = _ungrouped(grad_w.view(gg.shape), cols) if ctx.needs_input_grad[0] else None
+        return grad_w, grad_s, None, None, None, None, None
 
 
 def alrs_multiplier(master_bits: int, bits: int) -> float:

@@ -71,6 +71,11 @@ class SwitchableLinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
         self.register_parameter("weight", None)  # latent float weight, training mode only
+        # Training-only knobs, set by MultiBitTrainer (not saved): the scale-gradient factor (ALRS in accumulate mode,
+        # applied inside the fake-quantize backward so it survives DDP/FSDP2 parameter wrapping) and the compiled
+        # fake-quantize kernels.
+        self.scale_grad_mult = 1.0
+        self.fused = False
         if bits is not None:
             self.bits = bits
 
@@ -252,8 +257,13 @@ class SwitchableLinear(nn.Module):
                 bias = None if self.bias is None else self.bias.to(x.dtype)
                 return F.linear(x, self.derived_weight(self._bits, dtype=x.dtype), bias)
             return p(x, self.bias)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.derived_weight(self._bits, dtype=x.dtype), bias)
+        w = core.fake_quantize(self.weight, self.weight_scale, self.master_bits, self._bits, self.group_size,
+                               scale_grad_mult=self.scale_grad_mult, fused=self.fused)
+        bias = self.bias
+        if w.dtype != x.dtype:
+            w = w.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
+        return F.linear(x, w, bias)
 
     def extra_repr(self) -> str:
         mode = "training" if self.trainable else "frozen"

@@ -3,9 +3,11 @@
 Schema (every key optional except where noted; unknown keys are errors so a typo never silently does nothing)::
 
     model: null                   # HF id or local path; null = the embedded SmolLM2-135M-Instruct
+    init: null                    # optional switchable checkpoint the student starts from (e.g. a GPTQ master);
+                                  # ``model`` is then the float teacher and the tokenizer; ``quant`` must agree or be empty
     output_dir: outputs/qat
     data:
-      source: lee                 # "lee" (embedded corpus) | a local .txt/.json/.jsonl file | a Hub dataset name
+      source: lee                 # "lee" | "wiki" (embedded corpora) | a local .txt/.json/.jsonl file | a Hub dataset name
       split: train                # lee: train|eval; Hub: split name
       docs: [0, 225]              # optional [start, end) slice of the documents (keep a validation slice out)
       text_field: text            # json / Hub column holding the text
@@ -35,6 +37,7 @@ import copy
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -43,8 +46,9 @@ from .results import DEFAULT_EVAL_CHUNKS
 
 logger = logging.getLogger(__name__)
 
-TOP_KEYS = {"model", "output_dir", "data", "quant", "multibit", "train"}
+TOP_KEYS = {"model", "init", "output_dir", "data", "quant", "multibit", "train"}
 DATA_KEYS = {"source", "split", "docs", "text_field", "block_size", "config"}
+EMBEDDED = ("lee", "wiki")  # corpora of abs_llm.default_corpus ("wiki" once the Wikipedia sample is merged)
 QUANT_KEYS = {"candidate_bits", "master_bits", "group_size"}
 TRAIN_DEFAULTS = dict(max_steps=40, per_device_train_batch_size=2, learning_rate=1e-5, weight_decay=0.0,
                       lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_steps=20,
@@ -64,6 +68,9 @@ def load_recipe(path: str | os.PathLike, max_steps: int | None = None, output_di
         unknown = set(section) - keys
         if unknown:
             raise ValueError(f"recipe {path}: unknown {name} keys {sorted(unknown)}; allowed {sorted(keys)}")
+    for section in ("train", "multibit"):
+        if isinstance(recipe.get(section), dict):
+            recipe[section] = {k: _number(v) for k, v in recipe[section].items()}
     train = {**TRAIN_DEFAULTS, **(recipe.get("train") or {})}
     if max_steps is not None:
         train["max_steps"] = max_steps
@@ -79,34 +86,37 @@ def load_recipe(path: str | os.PathLike, max_steps: int | None = None, output_di
     return recipe
 
 
+def _number(value):
+    """YAML 1.1 (PyYAML) reads ``3e-5`` (no dot) as a string; a recipe means the number."""
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)
+    return value
+
+
 # ---- data ---------------------------------------------------------------------------------------------------------
 def load_texts(data: dict) -> list[str]:
     """Documents from the embedded Lee corpus, a local text/json file, or a Hub dataset (online only)."""
     source = data.get("source", "lee")
     field = data.get("text_field", "text")
-    if source == "lee":
+    if source in EMBEDDED:  # read from the installed wheels, no `datasets` needed
         from .data import default_corpus
 
-        texts = default_corpus(data.get("split", "train"))
-    else:
-        import datasets
+        split = data.get("split", "train")
+        texts = default_corpus(split) if source == "lee" else default_corpus(split, name=source)
+    elif Path(source).exists():  # a local file: read here, no `datasets` needed (a GPU box may lack it)
+        from .blocks import read_text_file
 
         p = Path(source)
-        if p.exists():
-            if not p.is_file() or not p.read_bytes().strip():
-                raise ValueError(f"dataset {source} holds no non-empty text (expected a .txt/.json/.jsonl file)")
-            kind = "json" if p.suffix in (".json", ".jsonl") else "text"
-            try:
-                ds = datasets.load_dataset(kind, data_files=str(p), split="train")
-            except (datasets.exceptions.DatasetsError, ValueError, OSError) as e:
-                # datasets says only "An error occurred while generating the dataset": name the file and the cause
-                root = e
-                while root.__cause__ is not None or root.__context__ is not None:
-                    root = root.__cause__ or root.__context__
-                cause = f" ({type(root).__name__}: {root})" if root is not e else ""
-                raise ValueError(f"cannot read dataset {source} as {kind}: {e}{cause}") from e
-        else:
-            ds = datasets.load_dataset(source, data.get("config"), split=data.get("split", "train"))
+        if not p.is_file() or not p.read_bytes().strip():
+            raise ValueError(f"dataset {source} holds no non-empty text (expected a .txt/.json/.jsonl file)")
+        texts = read_text_file(p, field)
+    else:
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"dataset {source!r} is neither {' nor '.join(EMBEDDED)} nor a local file, and reading a Hub dataset needs "
+                             "the `datasets` package (pip install datasets)") from None
+        ds = datasets.load_dataset(source, data.get("config"), split=data.get("split", "train"))
         if field not in ds.column_names:
             raise ValueError(f"dataset {source} has no column {field!r}; columns {ds.column_names} (set data.text_field)")
         texts = list(ds[field])
@@ -121,8 +131,8 @@ def load_texts(data: dict) -> list[str]:
 
 def pack_blocks(tokenizer, texts: list[str], block_size: int):
     """Tokenize each document (no special tokens, documents joined by "\\n\\n" as in evaluation), concatenate and cut
-    into full ``block_size`` blocks; the short tail is dropped. Returns a ``datasets.Dataset``."""
-    import datasets
+    into full ``block_size`` blocks; the short tail is dropped. Returns a :class:`abs_llm.blocks.Blocks` dataset."""
+    from .blocks import Blocks
 
     if not isinstance(block_size, int) or block_size < 2:
         raise ValueError(f"block_size must be an integer >= 2, got {block_size!r}")
@@ -133,9 +143,7 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int):
     n = len(ids) // block_size
     if n == 0:
         raise ValueError(f"dataset too short: {len(ids)} tokens, fewer than one block of {block_size}")
-    blocks = [ids[i * block_size:(i + 1) * block_size] for i in range(n)]
-    return datasets.Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size] * n,
-                                       "labels": blocks})
+    return Blocks([ids[i * block_size:(i + 1) * block_size] for i in range(n)])
 
 
 # ---- run ----------------------------------------------------------------------------------------------------------
@@ -175,14 +183,40 @@ def build_trainer(recipe: dict, tokenizer=None):
     tok = source_tokenizer(path, tokenizer)
     data = recipe["data"]
     train_ds = pack_blocks(tok, load_texts(data), data.get("block_size", 256))  # data errors before the model loads
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    teacher = copy.deepcopy(model).eval() if mb.kd != "none" else None
-    quantize(model, qcfg, trainable=True)
+    if recipe.get("init"):
+        model = load_init(recipe["init"], recipe["quant"])
+        teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() if mb.kd != "none" else None
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        teacher = copy.deepcopy(model).eval() if mb.kd != "none" else None
+        quantize(model, qcfg, trainable=True)
     model.config.use_cache = False
     if mb.hasb and mb.hasb_traces is None and not getattr(model.config.quantization_config, "hessian_traces", None):
         mb.hasb_traces = estimate_traces(model, train_ds, seed=mb.hasb_seed)
     return MultiBitTrainer(model=model, args=args, multibit=mb, teacher=teacher, train_dataset=train_ds,
                            data_collator=default_data_collator, processing_class=tok)
+
+
+def load_init(init, quant: dict):
+    """The switchable checkpoint a recipe's student starts from (MultiBitTrainer turns its master into latent weights);
+    a ``quant`` section that contradicts the checkpoint is refused instead of silently ignored."""
+    from transformers import AutoModelForCausalLM
+
+    from .switching import switchable_layers
+
+    if not Path(init, "config.json").is_file():
+        raise ValueError(f"init {init} is not a checkpoint directory (no config.json); give a switchable checkpoint")
+    model = AutoModelForCausalLM.from_pretrained(init)
+    if not switchable_layers(model):
+        raise ValueError(f"init {init} is not a switchable (double_rounding) checkpoint")
+    qc = model.config.quantization_config
+    have = {"candidate_bits": list(qc.candidate_bits), "master_bits": qc.master_bits, "group_size": qc.group_size}
+    bad = {k: v for k, v in quant.items() if k in have and (sorted(v) if k == "candidate_bits" else v) != (
+        sorted(have[k]) if k == "candidate_bits" else have[k])}
+    if bad:
+        raise ValueError(f"recipe quant {bad} contradicts the init checkpoint {init} ({have}); drop the quant section")
+    model.config.use_cache = False
+    return model
 
 
 def estimate_traces(model, train_ds, n_blocks: int = 8, n_samples: int = 4, seed: int = 0) -> dict[str, float]:
@@ -219,21 +253,25 @@ def train(recipe_path, max_steps=None, output_dir=None, resume: bool | str = Tru
         logger.warning("resuming from %s", ckpt)
     trainer.train(resume_from_checkpoint=ckpt)
     out = recipe["output_dir"]
-    trainer.save_switchable(out)
+    saved = trainer.save_switchable(out)  # under FSDP2 the gathered copy: trainer.model stays sharded
     if trainer.args.should_save:
         Path(out, "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         plot_losses(trainer.state.log_history, Path(out, "loss_per_bits.png"))
         if evaluate:
             from .results import evaluate_and_store
 
-            evaluate_and_store(out, trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class,
-                               eval_chunks)
+            evaluate_and_store(out, saved, trainer.processing_class, eval_chunks)
     return trainer
 
 
 def plot_losses(log_history: list[dict], path) -> None:
-    """Loss per bit-width against step (keys ``loss_w<b>`` written by ``MultiBitTrainer.log``)."""
-    import matplotlib
+    """Loss per bit-width against step (keys ``loss_w<b>`` written by ``MultiBitTrainer.log``); skipped with a warning
+    where matplotlib is not installed (a bare GPU box), so a finished run still ends cleanly."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("matplotlib is not installed: no %s (the losses are in log_history.json)", path)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -12,12 +12,19 @@ scale LR of precision b" can only mean "the update that precision b's gradient c
   averaged mostly from the low bits' large scale gradients: the low bits then move the scales at the 8-bit rate.
   ``per_bit_scale_state=True`` gives each precision its own optimiser state for the scales, so precision b's update
   uses only its own gradients at its own rate (the weights keep one shared state: they train jointly on purpose).
-- ``step_per_bit=False`` (accumulate, one step per batch): a gradient hook multiplies bit b's contribution to each
-  scale gradient by ``eta_b`` before it is accumulated (and before DDP all-reduces it). For SGD that is exactly a
+- ``step_per_bit=False`` (accumulate, one step per batch): bit b's contribution to each scale gradient is multiplied
+  by ``eta_b`` inside the fake-quantize backward (``SwitchableLinear.scale_grad_mult``), before it is accumulated and
+  before DDP all-reduces / FSDP2 reduce-scatters it (a tensor hook on the scale parameter would not survive FSDP2,
+  which replaces the parameters). For SGD that is exactly a
   per-precision LR. For Adam the common factor is normalised away, so it acts as a *relative* weighting of the
   precisions on the scales (low bits, whose LSQ scale gradients carry a 2^d factor, no longer dominate them).
 
-Distillation: the float teacher's logits are computed once per batch (no grad) and shared by every bit-width.
+Distillation: the float teacher's logits and softmax are computed once per batch (no grad) and shared by every
+bit-width. The teacher stays whole (not sharded) on every process.
+
+Logs: ``loss_w<b>`` per width (averaged over processes); in step-per-bit mode ``grad_norm_w<b>``, the norm each
+width's step saw (before clipping), and their mean as ``grad_norm`` (the Trainer's own value would be 0: it reads the
+gradients after the last width's step zeroed them).
 """
 
 from __future__ import annotations
@@ -31,10 +38,19 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from . import distributed
 from .core import alrs_multiplier
 from .hasb import HASBSampler, attach_traces, load_traces
 from .layers import convert_all
-from .multibit import KD_MODES, MultiBitConfig, kd_kl, lm_loss, validate  # noqa: F401  (public here too)
+from .multibit import (  # noqa: F401  (public here too)
+    KD_MODES,
+    MultiBitConfig,
+    kd_kl,
+    kd_kl_cached,
+    kd_target,
+    lm_loss,
+    validate,
+)
 from .switching import set_bits, switchable_layers
 
 logger = logging.getLogger(__name__)
@@ -69,14 +85,28 @@ class MultiBitTrainer(Trainer):
         self.teacher = teacher
         if teacher is not None:
             teacher.eval().requires_grad_(False)
-        self._scale_mult = 1.0
-        self._bit_loss = {b: [0.0, 0] for b in self.bits_order}
+        self._bit_loss = {b: [0.0, 0] for b in self.bits_order}  # loss sums stay tensors: no device sync per width
+        self._grad_norm = {b: [0.0, 0] for b in self.bits_order}  # step_per_bit: the norm each width's step saw
         self._loss_ema: dict[int, float] = {}  # loss_norm's running means (not checkpointed: re-seeded on resume)
         self._hasb_bits = [0.0, 0]
         self._scale_state: dict[int, dict] = {}
         self._in_checkpoint = False
-        for layer in self.layers.values():  # why a hook: see "accumulate" in the module docstring
-            layer.weight_scale.register_hook(lambda g: g * self._scale_mult if self._scale_mult != 1.0 else g)
+        self._params = None  # the parameter list each width's clip walks, taken once after accelerator.prepare
+        self._teacher_device = None
+        for layer in self.layers.values():
+            layer.fused = self.mb.fused
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        distributed.check_processes(self.accelerator)
+        if distributed.enable_cpu_fsdp2(self.accelerator):
+            self.is_fsdp_enabled = True
+
+    def _set_scale_grad_mult(self, mult: float) -> None:
+        """ALRS in accumulate mode (module docstring): bit b's share of every scale gradient is multiplied by eta_b
+        inside the fake-quantize backward, before it is accumulated or all-reduced (DDP) / reduce-scattered (FSDP2)."""
+        for layer in self.layers.values():
+            layer.scale_grad_mult = mult
 
     def _hasb_traces(self, model) -> dict[str, float]:
         source = self.mb.hasb_traces
@@ -121,8 +151,15 @@ class MultiBitTrainer(Trainer):
 
     def _step_for_bit(self, model, bits: int) -> None:
         """Paper Alg. A.2: clip, step with the scale LR of this precision, zero the gradients."""
-        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        # the Trainer's own clip runs after training_step has stepped and zeroed every gradient (and logs 0), so
+        # the norm that each width's update saw is recorded here (clipped at max_grad_norm when set)
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
+        if self._params is None:  # after accelerator.prepare (FSDP2 swaps in DTensor parameters); one module walk
+            self._params = list(model.parameters())
+        norm = self.accelerator.clip_grad_norm_(self._params, max_norm)
+        if norm is not None:
+            acc = self._grad_norm[bits]
+            acc[0], acc[1] = acc[0] + norm.detach(), acc[1] + 1
         if self.mb.grad_adaptive:
             self._grad_adaptive()
         opt = getattr(self.optimizer, "optimizer", self.optimizer)
@@ -162,9 +199,13 @@ class MultiBitTrainer(Trainer):
                 if "attention_mask" in inputs else inputs["input_ids"]
         mask = (labels[:, 1:] != -100).float()
         target = None
+        temperature = self.mb.kd_temperature
         if self.teacher is not None and self.mb.kd != "none":
-            with torch.no_grad():  # once per batch, shared by every bit-width
-                target = self.teacher.to(labels.device)(**inputs).logits[:, :-1]
+            with torch.no_grad():  # once per batch, shared by every bit-width (teacher softmax included)
+                if self._teacher_device != labels.device:  # the teacher is whole on every process (not sharded)
+                    self.teacher.to(labels.device)
+                    self._teacher_device = labels.device
+                target = kd_target(self.teacher(**inputs).logits[:, :-1], temperature)
         ga = self.args.gradient_accumulation_steps
         unwrapped = self.accelerator.unwrap_model(model)
         total = torch.zeros((), device=labels.device)
@@ -173,7 +214,8 @@ class MultiBitTrainer(Trainer):
             w = self.bit_weights[b]
             if w == 0:
                 continue
-            set_bits(unwrapped, b)
+            for layer in self.layers.values():  # every width was validated in __init__; set_bits (module walks,
+                layer.bits = b                  # config mirror) runs once at the end of the step
             if self.hasb is not None:
                 progress = self.state.global_step / max(self.state.max_steps, 1)
                 bit_map = self.hasb.step(progress, base_bits=b, key=(self.state.global_step, i))
@@ -182,21 +224,24 @@ class MultiBitTrainer(Trainer):
             last = i == len(self.bits_order) - 1
             # accumulate mode: only the last backward of the batch all-reduces (as in gradient accumulation)
             sync = contextlib.nullcontext() if (last or self.mb.step_per_bit) else self.accelerator.no_sync(model)
-            self._scale_mult = 1.0 if self.mb.step_per_bit else self._alrs(b)
+            if not self.mb.step_per_bit:
+                self._set_scale_grad_mult(self._alrs(b))
             with sync, self.compute_loss_context_manager():
                 logits = model(**inputs).logits
                 teacher_b = inplace_target if (self.mb.kd == "inplace" and i > 0) else target
                 loss = self._bit_loss_fn(logits, labels, mask, teacher_b)
                 self.accelerator.backward(loss * (w / ga / self._norm(b, loss)))
             if self.mb.kd == "inplace" and b == self.bits_order[0]:
-                inplace_target = logits[:, :-1].detach()
-            self._bit_loss[b][0] += float(loss.detach())
+                with torch.no_grad():
+                    inplace_target = kd_target(logits[:, :-1].detach(), temperature)
+            self._bit_loss[b][0] += loss.detach()
             self._bit_loss[b][1] += 1
             total = total + loss.detach() * (w / ga)
             del logits
             if self.mb.step_per_bit:
                 self._step_for_bit(model, b)
-        self._scale_mult = 1.0
+        if not self.mb.step_per_bit:
+            self._set_scale_grad_mult(1.0)
         set_bits(unwrapped, max(self.bits_order))
         if self.mb.grad_adaptive and not self.mb.step_per_bit and self.accelerator.sync_gradients:
             self._grad_adaptive()
@@ -214,16 +259,23 @@ class MultiBitTrainer(Trainer):
         a = self.mb.kd_alpha if target is not None else 0.0
         loss = lm_loss(logits, labels) if a < 1 else logits.new_zeros(())
         if a > 0:
-            loss = (1 - a) * loss + a * kd_kl(logits[:, :-1], target, mask, self.mb.kd_temperature)
+            loss = (1 - a) * loss + a * kd_kl_cached(logits[:, :-1], target, mask, self.mb.kd_temperature)
         return loss
 
     def log(self, logs, *args, **kwargs):
-        """Add the mean loss of each bit-width since the last log (``loss_w8``, ``loss_w4``...)."""
+        """Add the mean loss of each bit-width since the last log (``loss_w8``, ``loss_w4``...; averaged over the
+        processes, like ``loss``), and in step-per-bit mode the gradient norm each width's step saw
+        (``grad_norm_w8``...) with their mean as ``grad_norm``. Called on every process (it all-reduces)."""
         if "loss" in logs:
-            for b, (s, n) in self._bit_loss.items():
-                if n:
-                    logs[f"loss_w{b}"] = round(s / n, 6)
-                self._bit_loss[b] = [0.0, 0]
+            losses = distributed.mean_over_processes(self.accelerator, self._bit_loss)
+            logs.update({f"loss_w{b}": round(v, 6) for b, v in losses.items()})
+            self._bit_loss = {b: [0.0, 0] for b in self.bits_order}
+            if self.mb.step_per_bit:  # gradients are all-reduced already: every process saw the same norms
+                norms = {b: float(s) / n for b, (s, n) in self._grad_norm.items() if n}
+                logs.update({f"grad_norm_w{b}": round(v, 6) for b, v in norms.items()})
+                if norms:
+                    logs["grad_norm"] = round(sum(norms.values()) / len(norms), 6)
+                self._grad_norm = {b: [0.0, 0] for b in self.bits_order}
             if self._hasb_bits[1]:  # unweighted mean over layers of the sampled maps
                 logs["hasb_mean_bits"] = round(self._hasb_bits[0] / self._hasb_bits[1], 4)
                 self._hasb_bits = [0.0, 0]
@@ -250,7 +302,9 @@ class MultiBitTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         state, seen = {}, set()
-        for k, v in self.model.state_dict().items():  # tied weights once, under their first name (the embedding)
+        # under FSDP the Trainer passes the gathered full state dict (the model's own holds DTensor shards)
+        for k, v in (state_dict if state_dict is not None else self.model.state_dict()).items():
+            # tied weights once, under their first name (the embedding)
             if v.data_ptr() not in seen:
                 seen.add(v.data_ptr())
                 state[k] = v.detach().contiguous()
@@ -262,13 +316,19 @@ class MultiBitTrainer(Trainer):
 
     def save_switchable(self, output_dir: str) -> None:
         """Freeze every layer (round to the integer master) and write a switchable checkpoint with ``save_pretrained``.
-        Call once, after training: the model leaves training mode."""
+        Call once, after training, on every process: the model leaves training mode (under FSDP2 a gathered copy is
+        frozen and saved by the main process; the sharded model stays as it was). Returns the frozen model (None on
+        the other FSDP2 processes)."""
         self.accelerator.wait_for_everyone()
         model = self.accelerator.unwrap_model(self.model)
-        convert_all(switchable_layers(model), trainable=False)  # all layers or none (a NaN names its layer)
-        set_bits(model, max(self.bits_order))
+        if distributed.is_fsdp2(self.accelerator):  # shards gathered into a plain copy; self.model stays sharded
+            model = distributed.full_model_on_main(self.accelerator, model)
+        if model is not None:
+            convert_all(switchable_layers(model), trainable=False)  # all layers or none (a NaN names its layer)
+            set_bits(model, max(self.bits_order))
         if self.args.should_save:
             model.save_pretrained(output_dir)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
         self.accelerator.wait_for_everyone()
+        return model

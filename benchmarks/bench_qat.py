@@ -6,8 +6,15 @@ docs 0-224). The held-out split (docs 250-299) is only used with ``--split eval`
     python benchmarks/bench_qat.py ptq --split val
     python benchmarks/bench_qat.py qat --variant shipped --steps 12 --split val
     python benchmarks/bench_qat.py float_ft --steps 12 --split eval
-    python benchmarks/bench_qat.py cost --bits 8,6,4,3,2
+    python benchmarks/bench_qat.py cost [--reps 3] [--fused]
 Each run prints one JSON line and appends it to ``--out`` (default outputs/bench_qat/results.jsonl).
+
+Tuning harness (issue 16, "QAT that keeps improving"): start from a switchable checkpoint (``--init``: the GPTQ or RTN
+master), override any recipe knob with ``--set section.key=value`` (YAML values), and log validation PPL per width
+every ``--eval-every`` steps (``curve`` in the JSON line), so a run that stops improving shows where::
+
+    python benchmarks/bench_qat.py qat --variant shipped --init CKPT --steps 20 --eval-every 10 \
+        --set train.learning_rate=3e-5 --set train.lr_scheduler_type=cosine --set multibit.kd_alpha=0.5
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ppl_per_width
+from common import machine_info, ppl_per_width
 
 BITS = [8, 6, 4, 3, 2]
 BASE = {  # common to every variant; a variant overrides "multibit"/"train" keys
@@ -30,6 +37,7 @@ BASE = {  # common to every variant; a variant overrides "multibit"/"train" keys
               "save_strategy": "no", "logging_steps": 1, "seed": 0},
 }
 VARIANTS = {
+    "shipped": {"step_per_bit": True},  # recipes/qat_smollm2_cpu.yaml's multibit section; tune it with --set
     # issue 7's naive prototype shape: paper Alg. A.2, equal weights, all bits
     "naive": {"step_per_bit": True},
     "naive_noalrs": {"step_per_bit": True, "alrs": False},
@@ -62,11 +70,35 @@ def ptq(model, bits=BITS):
     return quantize(copy.deepcopy(model), DoubleRoundingConfig(candidate_bits=bits, group_size=64))
 
 
-def recipe_for(variant, steps, out, hasb_traces=None):
-    r = copy.deepcopy(BASE)
-    r["multibit"].update(VARIANTS[variant])
+def apply_overrides(recipe: dict, sets) -> dict:
+    """``["train.learning_rate=3e-5", "multibit.bit_weights={2: 0.5}"]`` -> recipe sections updated (YAML values)."""
+    import yaml
+
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in ("data", "multibit", "train"):
+            raise ValueError(f"--set {item!r}: expected data|multibit|train.KEY=VALUE")
+        recipe[section][name] = yaml.safe_load(value)  # load_recipe turns a dotless 3e-5 into a number
+    return recipe
+
+
+def recipe_for(variant, steps, out, hasb_traces=None, init=None, sets=None, recipe_file=None):
+    import yaml
+
+    if recipe_file:  # a shipped recipe (e.g. recipes/qat_smollm2_gpu.yaml) instead of BASE + variant
+        r = yaml.safe_load(Path(recipe_file).read_text())
+        for section in ("data", "multibit", "train", "quant"):
+            r[section] = r.get(section) or {}
+    else:
+        r = copy.deepcopy(BASE)
+        r["multibit"].update(VARIANTS[variant])
     if hasb_traces:  # mixed-precision supernet: HASB roulette on top of the variant
         r["multibit"].update(hasb=True, hasb_traces=str(hasb_traces))
+    if init:  # the student starts from this switchable checkpoint; its quant config is the checkpoint's
+        r["init"] = str(init)
+        r["quant"] = {}
+    apply_overrides(r, sets)
     r["train"]["max_steps"] = steps
     r["output_dir"] = out
     from abs_llm.recipe import (
@@ -75,25 +107,67 @@ def recipe_for(variant, steps, out, hasb_traces=None):
 
     p = Path(out).with_suffix(".yaml")
     p.parent.mkdir(parents=True, exist_ok=True)
-    import yaml
-
     p.write_text(yaml.safe_dump(r))
     return load_recipe(p)
+
+
+class ValCurve:
+    """Trainer callback: PPL per width on a split every ``every`` steps (and before the first), with the time spent
+    evaluating kept out of the training time."""
+
+    def __init__(self, tok, split, every, max_chunks, bits, at_start=True):
+        from transformers import TrainerCallback
+
+        self.tok, self.split, self.every, self.max_chunks, self.bits = tok, split, every, max_chunks, bits
+        self.at_start = at_start
+        self.points, self.eval_s = [], 0.0
+        self.callback = type("ValCurveCallback", (TrainerCallback,), {
+            "on_train_begin": lambda _, a, state, c, model=None, **k: (
+                self.eval(model, state.global_step) if self.at_start else None),
+            "on_step_end": lambda _, a, state, c, model=None, **k: (
+                self.eval(model, state.global_step) if state.global_step % self.every == 0 else None)})()
+
+    def eval(self, model, step):
+        from abs_llm.switching import get_bits, set_bits
+
+        t0 = time.perf_counter()
+        before = get_bits(model)
+        ppl = eval_model(model, self.tok, self.split, self.max_chunks, self.bits)
+        set_bits(model, before)
+        model.train()
+        self.points.append({"step": step, **{k: round(v, 3) for k, v in ppl.items()}})
+        print(json.dumps({"curve": self.points[-1]}), flush=True)
+        self.eval_s += time.perf_counter() - t0
 
 
 def run_qat(args):
     from abs_llm.recipe import build_trainer, plot_losses
 
-    out = f"{args.workdir}/{args.variant}{'_hasb' if args.hasb_traces else ''}_{args.steps}"
-    trainer = build_trainer(recipe_for(args.variant, args.steps, out, args.hasb_traces))
+    name = Path(args.recipe).stem if args.recipe else args.variant
+    tag = args.tag or f"{name}{'_hasb' if args.hasb_traces else ''}_{args.steps}"
+    out = f"{args.workdir}/{tag}"
+    recipe = recipe_for(args.variant, args.steps, out, args.hasb_traces, args.init, args.set, args.recipe)
+    trainer = build_trainer(recipe)
+    curve = None
+    if args.eval_every:
+        bits = sorted(trainer.bits_order, reverse=True)
+        curve = ValCurve(trainer.processing_class, "val", args.eval_every, args.max_chunks, bits, not args.no_eval_start)
+        trainer.add_callback(curve.callback)
     t0 = time.perf_counter()
     trainer.train()
-    train_s = time.perf_counter() - t0
+    train_s = time.perf_counter() - t0 - (curve.eval_s if curve else 0.0)
     trainer.save_switchable(out)
     plot_losses(trainer.state.log_history, Path(out, "loss_per_bits.png"))
     Path(out, "log_history.json").write_text(json.dumps(trainer.state.log_history))
-    res = eval_model(trainer.model, trainer.processing_class, args.split, args.max_chunks)
-    return {"train_s": round(train_s, 1), "s_per_step": round(train_s / args.steps, 2), **res, "checkpoint": out}
+    if curve and curve.points[-1]["step"] == args.steps and args.split == "val":
+        res = {k: v for k, v in curve.points[-1].items() if k != "step"}  # the last curve point is this evaluation
+    else:
+        res = eval_model(trainer.model, trainer.processing_class, args.split, args.max_chunks)
+    losses = [e for e in trainer.state.log_history if "loss" in e]
+    return {"train_s": round(train_s, 1), "s_per_step": round(train_s / args.steps, 2), **res,
+            "init": args.init, "set": args.set, "recipe": args.recipe, "tag": tag, "curve": curve.points if curve else None,
+            "last_loss": {k: v for k, v in losses[-1].items() if k.startswith(("loss", "grad_norm"))} if losses else None,
+            "checkpoint": out}
 
 
 def run_float_ft(args):
@@ -125,48 +199,14 @@ def run_ptq(args):
 
 
 def run_cost(args):
-    """Seconds per optimisation step, same process, same batch: n float steps vs one joint n-bit step."""
-    from abs_llm.data import load_default_model
-    from abs_llm.recipe import load_texts, pack_blocks
-    from abs_llm.training import lm_loss
+    """Joint n-bit step vs n float steps on the default model at the CPU recipe's batch (2 x 256), with the teacher:
+    ``bench_qat_step.py --model default`` (that script's docstring says what is timed)."""
+    import bench_qat_step
 
-    bits = [int(b) for b in args.bits.split(",")]
-    model, tok = load_default_model()
-    ds = pack_blocks(tok, load_texts(BASE["data"]), 256)
-    batch = {k: torch.tensor(v) for k, v in ds[:2].items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-    def float_step():
-        model.train()
-        loss = lm_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    res = {"bits": bits}
-    for kd in ("teacher", "none"):
-        r = recipe_for("accum", 1, f"{args.workdir}/cost")
-        r["multibit"].update(kd=kd, bits=bits)
-        from abs_llm.recipe import build_trainer
-
-        tr = build_trainer(r)
-        tr.create_optimizer_and_scheduler(1)
-
-        def joint_step():
-            tr.training_step(tr.model, dict(batch))
-            tr.optimizer.step()
-            tr.optimizer.zero_grad(set_to_none=True)
-
-        for name, fn in ((f"joint_kd_{kd}", joint_step), (f"float_{kd}", float_step)):  # interleaved: CPU is shared
-            fn()  # warm-up
-            ts = []
-            for _ in range(args.reps):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            res[name] = min(ts)
-        res[f"ratio_kd_{kd}"] = res[f"joint_kd_{kd}"] / (len(bits) * res[f"float_{kd}"])
-        del tr
+    ns = argparse.Namespace(model="default", layers=0, batch=2, seq=256, repeats=args.reps, kd=True, fused=args.fused,
+                            tf32=True, smoke=False, workdir=args.workdir)
+    res = bench_qat_step.run(ns)
+    print(res.pop("table"))
     return res
 
 
@@ -177,9 +217,16 @@ def main():
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--split", default="val", choices=["val", "eval", "both"])
     p.add_argument("--max-chunks", type=int, default=None)
-    p.add_argument("--bits", default="8,6,4,3,2")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--fused", action="store_true", help="cost: also time the torch.compile'd fake quantization")
     p.add_argument("--hasb-traces", default=None, help="qat: train a HASB supernet with these traces (JSON)")
+    p.add_argument("--recipe", default=None, help="qat: start from this recipe file instead of the built-in variants")
+    p.add_argument("--init", default=None, help="qat: start from this switchable checkpoint (e.g. a GPTQ master)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="qat: override a recipe knob (data/multibit/train), YAML value; repeatable")
+    p.add_argument("--eval-every", type=int, default=0, help="qat: validation PPL per width every N steps")
+    p.add_argument("--no-eval-start", action="store_true", help="qat: skip the step-0 point (known from --init)")
+    p.add_argument("--tag", default=None, help="qat: run name (output folder under --workdir)")
     p.add_argument("--workdir", default="outputs/bench_qat")
     p.add_argument("--out", default="outputs/bench_qat/results.jsonl")
     args = p.parse_args()
@@ -188,7 +235,7 @@ def main():
     t0 = time.perf_counter()
     res = {"what": args.what, "variant": args.variant if args.what == "qat" else None, "steps": args.steps,
            "hasb_traces": args.hasb_traces,
-           "split": args.split, "max_chunks": args.max_chunks, **fn(args), "wall_s": None}
+           "split": args.split, "max_chunks": args.max_chunks, **fn(args), **machine_info(), "wall_s": None}
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     line = json.dumps(res)
     print(line, flush=True)

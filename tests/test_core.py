@@ -1,6 +1,7 @@
 """Exact and property tests of the Double Rounding math (abs_llm.core)."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -238,3 +239,36 @@ def test_derived_error_bound(shape, group_size, seed):
         inside = (w / s_l >= lo) & (w / s_l <= hi)
         err = (w - core.derived_weight(q, s, 8, l, group_size)).abs()
         assert torch.all(err[inside] <= (s_l / 2 + step / 2)[inside] * (1 + 1e-5))
+
+
+def test_scale_grad_mult_only_scales_the_scale_gradient():
+    torch.manual_seed(0)
+    w = torch.randn(4, 48)
+    s = core.init_scale(w, 8, 16) * 0.7
+    grads = []
+    for mult in (1.0, 0.01):
+        wv, sv = w.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        core.fake_quantize(wv, sv, 8, 3, 16, scale_grad_mult=mult).backward(torch.ones_like(w))
+        grads.append((wv.grad, sv.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[1][1], grads[0][1] * 0.01)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile needs a C++ compiler on CPU")
+def test_fused_fake_quantize_matches_eager():
+    """torch.compile'd kernels: the same forward values and weight gradients bit for bit, the scale gradient up to
+    summation order; one compiled graph serves every width (the width enters as 0-dim tensors)."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 40)
+    s = core.init_scale(w, 8, 16) * 0.6
+    g = torch.randn_like(w)
+    for bits in (4, 2):
+        res = []
+        for fused in (False, True):
+            wv, sv = w.clone().requires_grad_(True), s.clone().requires_grad_(True)
+            out = core.fake_quantize(wv, sv, 8, bits, 16, fused=fused)
+            out.backward(g)
+            res.append((out.detach(), wv.grad, sv.grad))
+        assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+        torch.testing.assert_close(res[0][2], res[1][2], rtol=1e-5, atol=1e-5)

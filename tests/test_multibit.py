@@ -50,3 +50,19 @@ def test_refused_trainer_leaves_the_model_bit_identical(bad):
     after = _digest(model)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert model.config.quantization_config.hessian_traces is None
+
+
+def test_teacher_softmax_shared_by_every_width():
+    """kd_kl_cached (the teacher's softmax once per batch) is the same KL as kd_kl."""
+    from abs_llm.multibit import kd_kl, kd_kl_cached, kd_target
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 7, 50), torch.randn(2, 7, 50)
+    mask = torch.ones(2, 7)
+    mask[1, 3:] = 0
+    for temperature in (1.0, 2.0):
+        ref = kd_kl(s, t, mask, temperature)
+        torch.testing.assert_close(kd_kl_cached(s, kd_target(t, temperature), mask, temperature), ref)
+        p, q = torch.softmax(t / temperature, -1), torch.log_softmax(s / temperature, -1)
+        manual = ((p * (p.log() - q)).sum(-1) * mask).sum() / mask.sum() * temperature**2
+        torch.testing.assert_close(ref, manual)

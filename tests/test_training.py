@@ -211,3 +211,16 @@ def test_per_bit_scale_state_keeps_one_adam_state_per_precision(tiny_tok, tmp_pa
     assert int(tr.optimizer.state[weight]["step"]) == 6  # the weights share one state over 2 steps x 3 bit-widths
     with pytest.raises(ValueError, match="per_bit_scale_state needs step_per_bit=True"):
         _setup(tiny_tok, tmp_path, per_bit_scale_state=True)
+
+
+def test_step_per_bit_logs_the_real_gradient_norm(tiny_tok, tmp_path):
+    """The Trainer's own clip runs after the per-width steps zeroed every gradient (it logs 0); the norms each width's
+    step saw are logged instead, with their mean as ``grad_norm``."""
+    tr = _setup(tiny_tok, tmp_path, step_per_bit=True)
+    tr.train()
+    logs = [e for e in tr.state.log_history if "loss" in e]
+    for e in logs:
+        per_width = [e[f"grad_norm_w{b}"] for b in (8, 4, 2)]
+        assert all(v > 0 for v in per_width)
+        assert e["grad_norm"] == pytest.approx(sum(per_width) / 3, rel=1e-4)
+

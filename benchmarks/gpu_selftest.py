@@ -69,7 +69,8 @@ def selftest(device, shapes=((320, 576), (512, 2048)), ms=(1, 4, 16, 64), fp16=T
                         return rows
                     row = dict(shape=[n, k], scales="channel" if g is None else f"group{g}", bits=bits,
                                dtype=str(dt)[6:], pack_exact=pack_ok, errors={}, graph=None, failure=None)
-                    triton_linear.TUNE = dt == torch.bfloat16  # fp16: first config only (compile less)
+                    tune_before = triton_linear.TUNE
+                    triton_linear.TUNE = dt == torch.bfloat16  # bf16: run every candidate; fp16: the first only
                     try:
                         lin = triton_linear.TritonLinear(q, s, 8, bits, g)
                         for m in ms:
@@ -84,7 +85,7 @@ def selftest(device, shapes=((320, 576), (512, 2048)), ms=(1, 4, 16, 64), fp16=T
                     except Exception as e:  # noqa: BLE001
                         row["failure"] = f"{type(e).__name__}: {e}"[:300]
                     finally:
-                        triton_linear.TUNE = True
+                        triton_linear.TUNE = tune_before
                     errs = list(row["errors"].values())
                     row["ok"] = (row["failure"] is None and pack_ok in (None, True) and row["graph"] in (None, True)
                                  and row.get("dense_exact", True)

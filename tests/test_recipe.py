@@ -124,7 +124,7 @@ def test_unreadable_dataset_names_the_file_and_the_root_cause(tmp_path, content,
 
 
 def test_gpu_recipe_runs_in_tiny_form(tiny_lm_dir, tmp_path):
-    """recipes/qat_smollm2_gpu.yaml as shipped (step per bit, ALRS, KD, fused fake quantization, cosine schedule,
+    """recipes/qat_smollm2_gpu.yaml as shipped (step per bit, ALRS, KD, eager fake quantization, cosine schedule,
     data workers), with only the model, data and sizes shrunk: a GPU session finds no unknown key or broken knob."""
     import yaml
 
@@ -140,7 +140,7 @@ def test_gpu_recipe_runs_in_tiny_form(tiny_lm_dir, tmp_path):
     path = tmp_path / "gpu_tiny.yaml"
     path.write_text(yaml.safe_dump(r))
     tr = train(path, output_dir=str(tmp_path / "out"), evaluate=False)
-    assert tr.state.global_step == 2 and tr.mb.fused
+    assert tr.state.global_step == 2 and not tr.mb.fused  # eager: measured faster on an H200
     logs = [e for e in tr.state.log_history if "loss_w2" in e]
     assert len(logs) == 2 and all(e["grad_norm_w2"] > 0 and e["grad_norm"] > 0 for e in logs)
 

@@ -65,10 +65,15 @@ def _apply_config_bits(model: nn.Module, config: DoubleRoundingConfig) -> None:
         set_bits(model, layer_bits)
 
 
-def quantize(model: nn.Module, config: DoubleRoundingConfig | None = None, trainable: bool = False) -> nn.Module:
+def quantize(model: nn.Module, config: DoubleRoundingConfig | None = None, trainable: bool = False,
+             method: str = "rtn", calibration=None, tokenizer=None, gptq_options=None) -> nn.Module:
     """Quantize a float model in memory, in place (torchao's ``quantize_(model, config)`` shape): every selected
     ``nn.Linear`` becomes a ``SwitchableLinear``. The model then saves and reloads like one loaded with
     ``from_pretrained(..., quantization_config=config)``. ``trainable=True`` keeps float latent weights for QAT.
+
+    ``method="rtn"`` rounds each master to nearest with abs-max scales. ``method="gptq"`` chooses the masters and scales
+    block by block on ``calibration`` texts (tokenized with ``tokenizer``) to minimise the layer-output error summed
+    over all candidate widths (:mod:`abs_llm.ptq`; knobs in ``gptq_options``, a dict or ``abs_llm.ptq.GPTQOptions``).
     """
     config = config or DoubleRoundingConfig()
     if not isinstance(config, DoubleRoundingConfig):
@@ -85,9 +90,19 @@ def quantize(model: nn.Module, config: DoubleRoundingConfig | None = None, train
             raise ValueError(f"layer {name} is on the meta device; load real weights before quantizing")
         if not torch.isfinite(w).all():
             raise ValueError(f"layer {name} has NaN or inf weights; refusing to quantize")
+    # ---- method="gptq" (issue 16): masters chosen on calibration text; the layers below are built the same way
+    from .ptq import check_method, gptq_masters
+
+    check_method(method, calibration, tokenizer, gptq_options)
+    masters = gptq_masters(model, config, targets, calibration, tokenizer, gptq_options) if method == "gptq" else {}
     for name in targets:
-        layer = SwitchableLinear.from_linear(model.get_submodule(name), trainable=trainable, name=name,
-                                             **_layer_kwargs(config))
+        layer = SwitchableLinear.from_linear(model.get_submodule(name), trainable=trainable and name not in masters,
+                                             name=name, **_layer_kwargs(config))
+        if name in masters:
+            layer.weight_scale.data.copy_(masters[name][1])
+            layer.set_master(masters[name][0])
+            if trainable:
+                layer.to_trainable()
         _replace(model, name, layer)
     config.modules_to_not_convert = skips
     _apply_config_bits(model, config)

@@ -97,7 +97,7 @@ def gptq_masters(model: nn.Module, config, targets: list[str], calibration, toke
     bits = list(config.candidate_bits)
     weights = opts.weights_for(bits)
     prop = config.master_bits if opts.propagate_bits is None else opts.propagate_bits
-    if prop not in core.allowed_candidates(config.master_bits):
+    if not 2 <= prop <= config.master_bits:
         raise ValueError(f"propagate_bits={prop} is not derivable from a {config.master_bits}-bit master")
     windows = calibration_windows(tokenizer, calibration, opts.seq_len, opts.calib_tokens)
     prefix, blocks = find_blocks(model, targets)

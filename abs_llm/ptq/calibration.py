@@ -20,11 +20,11 @@ from ..evaluation import token_windows
 def calibration_windows(tokenizer, texts, seq_len: int, n_tokens: int) -> torch.Tensor:
     """``LongTensor (n, seq_len)``: the first ``ceil(n_tokens / seq_len)`` non-overlapping windows of the texts joined
     as :func:`abs_llm.perplexity` joins them. Raises ``ValueError`` for missing or too little text."""
-    if tokenizer is None:
-        raise ValueError("method='gptq' needs tokenizer=... (the model's tokenizer) to tokenize the calibration text")
     if calibration_missing(texts):
         raise ValueError("method='gptq' needs calibration=[text, ...] (e.g. abs_llm.default_corpus('train')); got "
                          f"{'nothing' if texts is None else repr(texts)[:60]}")
+    if tokenizer is None:
+        raise ValueError("method='gptq' needs tokenizer=... (the model's tokenizer) to tokenize the calibration text")
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(seq_len, int) or seq_len < 2:

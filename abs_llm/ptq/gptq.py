@@ -206,7 +206,7 @@ def solve(w, H, master_bits, bits, bit_weights, group_size, opts: SolverOptions 
     Hd[dead, dead] = 1.0  # inputs never seen in calibration: no correlation, plain rounding there
     Hd.diagonal().add_(opts.damp * Hd.diagonal().mean())
     scale0 = core.init_scale(w, master_bits, group_size)
-    lam = layer_weights(w, Hd, scale0, wd, group_size, bit_weights, rows, opts.normalize)
+    lam = layer_weights(w, H, scale0, wd, group_size, bit_weights, rows, opts.normalize)  # undamped: J's own H
     scale = search_scale(w, Hd.diagonal(), lam, wd, group_size, opts.clip_grid)
 
     perm = torch.argsort(Hd.diagonal(), descending=True) if opts.act_order else torch.arange(n)
@@ -221,9 +221,13 @@ def solve(w, H, master_bits, bits, bit_weights, group_size, opts: SolverOptions 
     mode = "all" if opts.candidates == "all" or master_bits <= 4 else "local"
     dynamic = group_size is not None and not opts.act_order
     q = torch.empty(n, out)
+    threads = torch.get_num_threads()
     for c1 in range(0, n, opts.block_size):
         c2 = min(c1 + opts.block_size, n)
         errs = torch.empty(target.shape[0], c2 - c1, out)
+        # The column loop runs thousands of small ops: one thread avoids the OpenMP hand-off per op, which costs more
+        # than the op (and 10x more on a busy machine); the lazy batch matmul below gets every thread again.
+        torch.set_num_threads(1)
         for j in range(c1, c2):
             if dynamic and j % group_size == 0:  # GPTQ's groups: scales from the already-updated columns
                 cols = slice(j, min(j + group_size, n))
@@ -239,6 +243,7 @@ def solve(w, H, master_bits, bits, bit_weights, group_size, opts: SolverOptions 
             e = (t - g) / d if per_width else ((t[0] - (lam * g).sum(0) / lam_sum) / d).unsqueeze(0)
             errs[:, j - c1] = e
             target[:, j + 1 : c2] -= U[j, j + 1 : c2].view(1, -1, 1) * e.unsqueeze(1)
+        torch.set_num_threads(threads)
         if c2 < n:
             target[:, c2:] -= torch.matmul(U[c1:c2, c2:].t(), errs)
     q_out = torch.empty(out, n)

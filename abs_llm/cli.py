@@ -56,6 +56,9 @@ def add_quantize(sub):
     p.add_argument("--master-bits", type=int, default=8, choices=[8, 4])
     p.add_argument("--group-size", type=_group_size, default=64, help="power of two in [16, 1024], or 'none'")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    from .ptq.cli import add_arguments  # --method gptq and its calibration flags (issue 16)
+
+    add_arguments(p)
     p.set_defaults(func=run_quantize)
 
 
@@ -65,11 +68,15 @@ def run_quantize(args):
     cfg = DoubleRoundingConfig(bits=args.bits or max(args.candidate_bits), candidate_bits=args.candidate_bits,
                                master_bits=args.master_bits, group_size=args.group_size)
     out = prepare_output_dir(args.out, args.overwrite)  # checked before the slow part
+    from .ptq.cli import quantize_kwargs
+
+    kwargs = quantize_kwargs(args)  # flag mistakes and a missing calibration file fail before the model loads
     model, tok, src = _load_float(args.model)
-    quantize(model, cfg)
+    quantize(model, cfg, **kwargs | ({"tokenizer": tok} if kwargs else {}))
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    print(f"wrote switchable checkpoint {out} (from {src}; master INT{cfg.master_bits}, bits {cfg.candidate_bits})")
+    print(f"wrote switchable checkpoint {out} (from {src}; {args.method} master INT{cfg.master_bits}, bits "
+          f"{cfg.candidate_bits})")
 
 
 # ---- eval -------------------------------------------------------------------------------------------------------------
@@ -195,14 +202,18 @@ def add_demo(sub):
     p.add_argument("--out", default="outputs/demo", help="where the checkpoint, table and plot go")
     p.add_argument("--group-size", type=_group_size, default=64)
     p.add_argument("--max-chunks", type=int, default=None, help="cap evaluation windows (default: full split)")
-    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--prompt", action="append", default=None, help="a question for the chat template (repeatable)")
+    p.add_argument("--method", default="gptq", choices=["gptq", "rtn"], help="how the master is chosen")
+    p.add_argument("--calibration", default="lee", help="gptq calibration text: lee, wiki or a text file")
+    p.add_argument("--no-contrast", action="store_true", help="skip the plain-rounding rows")
     p.set_defaults(func=run_demo)
 
 
 def run_demo(args):
-    from .demo import demo
+    from .demo import PROMPTS, demo
 
-    demo(args.out, group_size=args.group_size, max_chunks=args.max_chunks, prompt=args.prompt)
+    demo(args.out, group_size=args.group_size, max_chunks=args.max_chunks, prompts=args.prompt or PROMPTS,
+         method=args.method, calibration=args.calibration, contrast=not args.no_contrast)
 
 
 # ---- train ------------------------------------------------------------------------------------------------------------

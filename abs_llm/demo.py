@@ -1,5 +1,6 @@
-"""The main job (``make demo``): embedded default model -> switchable INT8-master checkpoint -> reload -> held-out PPL
-and a greedy generation at every bit-width -> table, JSON and PNG."""
+"""The main job (``make demo``): embedded default model -> one switchable INT8 master chosen by multi-bit-aware GPTQ
+on calibration text -> checkpoint -> reload -> held-out PPL and chat answers at every bit-width, with plain rounding
+of the same master format beside it for contrast -> table, JSON and PNG."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ import torch
 
 CANDIDATES = [8, 6, 4, 3, 2]
 MARKER = "demo_results.json"
+# Questions, not sentence fragments: the Instruct model answers through its chat template (a fragment such as
+# "The capital of France is" sent as a user turn makes it chat about itself instead of completing it).
+PROMPTS = ("What is the capital of France?", "Name three primary colors.")
+METHODS = ("gptq", "rtn")
+LABELS = {"gptq": "GPTQ master (one INT8, all widths)", "rtn": "plain rounding (abs-max INT8)"}
 
 
-def _generate(model, tok, prompt: str, max_new_tokens: int = 20) -> str:
+def _generate(model, tok, prompt: str, max_new_tokens: int = 24) -> str:
     msgs = [{"role": "user", "content": prompt}]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) if tok.chat_template else prompt
     ids = tok(text, return_tensors="pt", add_special_tokens=False)
@@ -22,14 +28,23 @@ def _generate(model, tok, prompt: str, max_new_tokens: int = 20) -> str:
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip().replace("\n", " ")
 
 
-def demo(out_dir="outputs/demo", group_size=64, max_chunks=None, prompt="The capital of France is") -> list[dict]:
+def _answers(model, tok, prompts) -> list[str]:
+    return [_generate(model, tok, p) for p in prompts]
+
+
+def demo(out_dir="outputs/demo", group_size=64, max_chunks=None, prompts=PROMPTS, method="gptq",
+         calibration="lee", calib_tokens=8192, contrast=True) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import DoubleRoundingConfig, set_bits
+    from . import DoubleRoundingConfig, quantize, set_bits
     from .data import default_corpus, default_model_path
-    from .evaluation import perplexity, plot_ppl
+    from .evaluation import perplexity
+    from .ptq.cli import calibration_texts
     from .switching import model_bytes
 
+    if method not in METHODS:
+        raise ValueError(f"demo method must be one of {list(METHODS)}, got {method!r}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise ValueError(f"{out} exists and holds something other than a previous demo; choose another --out")
@@ -38,41 +53,117 @@ def demo(out_dir="outputs/demo", group_size=64, max_chunks=None, prompt="The cap
     src = default_model_path()
     tok = AutoTokenizer.from_pretrained(src)
     texts = default_corpus("eval")
-    print(f"default model: {src}\nheld-out split: {len(texts)} Lee documents, seq_len 512, non-overlapping windows")
+    calib = calibration_texts(calibration) if method == "gptq" else None
+    print(f"default model: {src}\nheld-out split: {len(texts)} Lee documents, seq_len 512, non-overlapping windows"
+          + (f" (first {max_chunks})" if max_chunks else ""))
+
+    def ppl(model):
+        return perplexity(model, tok, texts, max_chunks=max_chunks, progress=False)
 
     fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    fp_ppl = perplexity(fp, tok, texts, max_chunks=max_chunks)
-    rows = [{"bits": "fp32", "ppl": fp_ppl, "bytes": model_bytes(fp), "sample": _generate(fp, tok, prompt)}]
-    del fp
-
+    fp_ppl = ppl(fp)
+    rows = [{"method": "fp32", "bits": "fp32", "ppl": fp_ppl, "bytes": model_bytes(fp), "answers": _answers(fp, tok, prompts)}]
+    print(f"fp32: PPL {fp_ppl:.2f}")
     cfg = DoubleRoundingConfig(bits=8, candidate_bits=CANDIDATES, master_bits=8, group_size=group_size)
     t = time.perf_counter()
-    qm = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, dtype=torch.float32)
+    kwargs = {"method": "gptq", "calibration": calib, "tokenizer": tok,
+              "gptq_options": {"calib_tokens": calib_tokens}} if method == "gptq" else {}
+    quantize(fp, cfg, **kwargs)
     quantize_s = time.perf_counter() - t
     ckpt = out / "checkpoint"
-    qm.save_pretrained(ckpt)
+    fp.save_pretrained(ckpt)
     tok.save_pretrained(ckpt)
-    del qm
-    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()  # everything below runs on the reloaded checkpoint
+    del fp
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()  # the main rows run on the reloaded checkpoint
+    print(f"{method} master: quantized in {quantize_s:.0f} s, saved and reloaded from {ckpt}")
     for b in CANDIDATES:
         set_bits(model, b)
-        rows.append({"bits": b, "ppl": perplexity(model, tok, texts, max_chunks=max_chunks),
-                     "bytes": model_bytes(model, b), "sample": _generate(model, tok, prompt)})
+        rows.append({"method": method, "bits": b, "ppl": ppl(model), "bytes": model_bytes(model, b),
+                     "answers": _answers(model, tok, prompts)})
+        print(f"  {method} w{b}: PPL {rows[-1]['ppl']:.2f}")
+    del model
+    if contrast and method == "gptq":  # the same format, masters rounded to nearest: what GPTQ buys
+        rtn = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        quantize(rtn, DoubleRoundingConfig(bits=8, candidate_bits=CANDIDATES, master_bits=8, group_size=group_size))
+        for b in CANDIDATES:
+            set_bits(rtn, b)
+            answers = _answers(rtn, tok, prompts) if b <= 4 else None
+            rows.append({"method": "rtn", "bits": b, "ppl": ppl(rtn), "bytes": model_bytes(rtn, b), "answers": answers})
+            print(f"  rtn w{b}: PPL {rows[-1]['ppl']:.2f}")
+        del rtn
 
     ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     fp32_bytes = sum(f.stat().st_size for f in Path(src).glob("*.safetensors"))
     print(f"\nswitchable checkpoint {ckpt}: {ckpt_bytes / 1e6:.1f} MB on disk (fp32 checkpoint {fp32_bytes / 1e6:.1f} MB,"
-          f" bf16 {fp32_bytes / 2e6:.1f} MB); quantize-on-load {quantize_s:.1f} s")
-    print("\n| bits | PPL (held-out) | delta vs FP | bytes at this width |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['bits']} | {r['ppl']:.3f} | {100 * (r['ppl'] / fp_ppl - 1):+.2f}% | {r['bytes'] / 1e6:.1f} MB |")
-    print(f"\ngreedy generations for {prompt!r}:")
-    for r in rows:
-        print(f"  [{r['bits']:>4}] {r['sample'][:100]}")
-    plot_ppl(rows, out / "ppl_vs_bits.png", title=f"SmolLM2-135M, Double Rounding from INT8 master (group {group_size})")
-    summary = {"rows": rows, "checkpoint_bytes": ckpt_bytes, "fp32_checkpoint_bytes": fp32_bytes,
+          f" bf16 {fp32_bytes / 2e6:.1f} MB), all five widths from one INT8 master")
+    print(_table(rows, fp_ppl))
+    for i, p in enumerate(prompts):
+        print(f"\ngreedy answers to {p!r} (chat template):")
+        for r in rows:
+            if r["answers"] is not None:
+                name = "fp32" if r["method"] == "fp32" else f"{r['method']} w{r['bits']}"
+                print(f"  [{name:>8}] {r['answers'][i][:110]}")
+    plot_methods(rows, out / "ppl_vs_bits.png",
+                 title=f"SmolLM2-135M-Instruct, one INT8 master (group {group_size}), Lee held-out")
+    summary = {"rows": rows, "prompts": prompts, "checkpoint_bytes": ckpt_bytes, "fp32_checkpoint_bytes": fp32_bytes,
+               "method": method, "calibration": calibration if method == "gptq" else None, "calib_tokens": calib_tokens,
                "quantize_seconds": quantize_s, "group_size": group_size, "max_chunks": max_chunks,
                "total_seconds": time.perf_counter() - t0}
     (out / MARKER).write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {out / 'ppl_vs_bits.png'} and {out / MARKER} in {summary['total_seconds']:.0f} s")
     return rows
+
+
+def _table(rows, fp_ppl) -> str:
+    by = {(r["method"], r["bits"]): r for r in rows}
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    head = "| bits | " + " | ".join(f"{m} PPL | {m} vs FP" for m in methods) + " | bytes at this width |"
+    lines = ["", head, "|" + "---|" * (2 * len(methods) + 2), "| fp32 | " + " | ".join(
+        f"{fp_ppl:.2f} | -" for _ in methods) + f" | {by[('fp32', 'fp32')]['bytes'] / 1e6:.1f} MB |"]
+    for b in CANDIDATES:
+        cells = []
+        for m in methods:
+            r = by.get((m, b))
+            cells.append("- | -" if r is None else f"{r['ppl']:.2f} | {_delta(r['ppl'], fp_ppl)}")
+        size = next(r["bytes"] for r in rows if r["bits"] == b)
+        lines.append(f"| {b} | " + " | ".join(cells) + f" | {size / 1e6:.1f} MB |")
+    return "\n".join(lines)
+
+
+def _delta(ppl: float, fp: float) -> str:
+    r = ppl / fp
+    return f"{100 * (r - 1):+.1f}%" if r < 2 else f"x{r:.1f}" if r < 1000 else f"x{r:.1e}"
+
+
+def plot_methods(rows, path, title: str) -> str:
+    """PPL against bit-width, one line per method, FP as a dashed line; the x tick labels carry the size at each
+    width, and the legend (not per-point labels, which collide where the methods agree) names the lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fp = next(r for r in rows if r["method"] == "fp32")
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    styles = {"gptq": dict(marker="o", color="C0", linewidth=2), "rtn": dict(marker="s", color="C3", linestyle=":")}
+    sizes = {}
+    for m in METHODS:
+        pts = sorted((r["bits"], r["ppl"]) for r in rows if r["method"] == m)
+        if pts:
+            ax.plot(*zip(*pts), label=LABELS[m], **styles[m])
+        sizes.update({r["bits"]: r["bytes"] for r in rows if r["method"] == m})
+    ax.axhline(fp["ppl"], color="gray", linestyle="--", label=f"fp32 ({fp['ppl']:.1f})")
+    ticks = sorted(sizes)
+    ax.set_xticks(ticks, [f"{b}-bit\n{sizes[b] / 2**20:.0f} MiB" for b in ticks])
+    ax.set_xlim(max(ticks) + 0.5, min(ticks) - 0.5)  # higher precision on the left
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_xlabel("bit-width (model size at that width)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = str(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

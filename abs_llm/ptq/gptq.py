@@ -21,11 +21,11 @@ decomposition of ``J``. ``feedback="mean"`` keeps one shared target (as MatGPTQ 
 error ``e_bar`` and scores a candidate by the exact cost of that choice, ``Lam e_bar^2 / d_j^2 + H_jj sum_b lam_b
 (e_b - e_bar)^2`` (the spread between widths cannot be compensated by one shared target).
 
-Candidates per column (``candidates="local"``): the rounding ``c`` of the top width's target to the master grid and
-``c +- 1``, and for each lower width the master integer nearest ``c`` whose derived level is each of the two levels
-around that width's target. That contains the best master for every combination of neighbouring levels reachable
-from ``c`` by one clamp; ``candidates="all"`` scores every master integer (exact per column; used for 4-bit masters
-and as a check).
+Candidates per column (``candidates="local"``): the rounding ``c`` of the top width's target to the master grid,
+and for each lower width the master integer nearest ``c`` whose derived level is each of the two levels around that
+width's target (``1 + 2 * (B - 1)`` candidates). Within one level of a width the top width's error is smallest
+nearest ``c``, so this holds the best master for every neighbouring level of each width taken alone;
+``candidates="all"`` scores every master integer (exact per column; used for 4-bit masters and as a check).
 
 Scales: ``s = alpha * max|W_g| / (2^(h-1) - 1)`` per group, ``alpha`` from ``clip_grid`` chosen per (row, group) by the
 same lam-weighted error with ``diag(H)`` weights and the master rounded to nearest. Finally, per row, the result is
@@ -53,7 +53,9 @@ class SolverOptions:
     block_size: int = 128  # columns per lazy batch update
     feedback: str = "per_width"
     candidates: str = "local"
-    clip_grid: tuple[float, ...] = field(default_factory=lambda: tuple(round(1.0 - 0.05 * i, 2) for i in range(9)))
+    # alpha > 1 is often chosen: the Double Rounding grid of a low width clips the positive extreme (the 4-bit top
+    # level is 7 * 16 / 127 = 0.88 of the abs-max), and a wider master step gives it back.
+    clip_grid: tuple[float, ...] = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2)
     normalize: bool = True
     keep_best_of_rtn: bool = True
 
@@ -80,6 +82,10 @@ class _Widths:
         self.step = torch.tensor([2.0 ** (master_bits - b) for b in self.bits], device=device)
         self.lev_lo = torch.tensor([float(core.qrange(b)[0]) for b in self.bits], device=device)
         self.lev_hi = torch.tensor([float(core.qrange(b)[1]) for b in self.bits], device=device)
+        self.low = [i for i, b in enumerate(self.bits) if b < master_bits]  # widths that round a second time
+        self.low_step = self.step[self.low].view(-1, 1)
+        self.low_lo = self.lev_lo[self.low].view(-1, 1)
+        self.low_hi = self.lev_hi[self.low].view(-1, 1)
 
     def derive(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """Float weights of master ``q`` (float, ``(..., m)``) at every width: ``(..., B, m)``; ``s`` broadcasts to
@@ -107,19 +113,19 @@ def _candidates(t, s, wd: _Widths, top: int, mode: str) -> torch.Tensor:
     if mode == "all":
         return torch.arange(wd.lo, wd.hi + 1, device=t.device, dtype=t.dtype).unsqueeze(1).expand(-1, t.shape[1])
     c = torch.round(t[top] / s).clamp_(wd.lo, wd.hi)
-    cands = [c, (c - 1).clamp_(min=wd.lo), (c + 1).clamp_(max=wd.hi)]
-    for i, b in enumerate(wd.bits):
-        d = wd.master_bits - b
-        if d == 0:
-            continue
-        step, half = 2**d, 2 ** (d - 1)
-        lo_l, hi_l = core.qrange(b)
-        floor = torch.floor(t[i] / (s * step)).clamp_(lo_l, hi_l - 1)
-        for lev in (floor, floor + 1):
-            a = lev * step - half + 1  # interior of the master interval that derives to `lev` (ties excluded)
-            z = torch.where(lev >= hi_l, torch.full_like(lev, wd.hi), lev * step + half - 1)
-            cands.append(torch.minimum(torch.maximum(c, a), z).clamp_(wd.lo, wd.hi))
-    return torch.stack(cands)
+    if not wd.low:
+        return c.unsqueeze(0)
+    step, half = wd.low_step, wd.low_step / 2
+    floor = torch.floor(t[wd.low] / (s * step)).clamp_(wd.low_lo, wd.low_hi - 1)
+    own = torch.round(c / step)  # the level c itself derives to
+    # (4, B', m): the two levels around each lower width's target, and the two next to c's own level (the targets of
+    # different widths drift apart under their own error feedback; the best compromise can lie in between)
+    lev = torch.stack([floor, floor + 1, own - 1, own + 1]).clamp_(wd.low_lo, wd.low_hi)
+    odd = torch.remainder(lev, 2)  # a tie q = lev * step +- half rounds (half to even) into `lev` iff lev is even
+    a = lev * step - half + odd  # the master interval that derives to `lev` ...
+    z = torch.where(lev >= wd.low_hi, wd.hi, lev * step + half - odd)  # ... the top level takes everything above
+    near = torch.minimum(torch.maximum(c, a), z).clamp_(wd.lo, wd.hi)  # the master nearest c with that level
+    return torch.cat([c.unsqueeze(0), near.flatten(0, 1)])
 
 
 def _choose(t, s, lam, wd: _Widths, top: int, mode: str, mean_terms=None):
@@ -146,7 +152,7 @@ def search_scale(w, hdiag, lam, wd: _Widths, group_size, grid) -> torch.Tensor:
         return base
     wg = core._grouped(w.float(), group_size)  # (out, G, g)
     hg = core._grouped(hdiag.unsqueeze(0), group_size)  # (1, G, g), zero on padding
-    best, best_err = base.clone(), None
+    best, best_err = None, None
     for a in grid:
         s = base * a
         q = torch.round(wg / s.unsqueeze(-1)).clamp_(wd.lo, wd.hi)
@@ -154,7 +160,7 @@ def search_scale(w, hdiag, lam, wd: _Widths, group_size, grid) -> torch.Tensor:
         err = ((wg.unsqueeze(2) - g).square_() * hg.unsqueeze(2)).sum(-1)  # (out, G, B)
         err = (err * lam.t().unsqueeze(1)).sum(-1)
         if best_err is None:
-            best_err = err
+            best, best_err = s, err
         else:
             better = err < best_err
             best = torch.where(better, s, best)
@@ -176,13 +182,12 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("the layer Hessian is not positive definite even with 1e5x damping; check the calibration data")
 
 
-def layer_weights(w, H, scale0, wd: _Widths, group_size, bit_weights, rows, normalize) -> torch.Tensor:
+def layer_weights(rtn_err, bit_weights, rows, normalize) -> torch.Tensor:
     """``lam`` (B, out): the per-width weights, divided by each row block's (= one original layer's) error under the
-    abs-max Double Rounding master when ``normalize``."""
-    lam = torch.tensor(bit_weights, dtype=torch.float32, device=w.device).unsqueeze(1).repeat(1, w.shape[0])
+    abs-max Double Rounding master (``rtn_err``, (B, out)) when ``normalize``."""
+    lam = torch.tensor(bit_weights, dtype=torch.float32, device=rtn_err.device).unsqueeze(1).repeat(1, rtn_err.shape[1])
     if normalize:
-        err = width_errors(w, rtn_master(w, scale0, wd.master_bits, group_size), scale0, H, wd.master_bits,
-                           wd.bits, group_size)
+        err = rtn_err
         for r0, r1 in rows:
             tot = err[:, r0:r1].sum(1, keepdim=True)
             lam[:, r0:r1] /= torch.where(tot > 0, tot, torch.ones_like(tot))
@@ -206,7 +211,9 @@ def solve(w, H, master_bits, bits, bit_weights, group_size, opts: SolverOptions 
     Hd[dead, dead] = 1.0  # inputs never seen in calibration: no correlation, plain rounding there
     Hd.diagonal().add_(opts.damp * Hd.diagonal().mean())
     scale0 = core.init_scale(w, master_bits, group_size)
-    lam = layer_weights(w, H, scale0, wd, group_size, bit_weights, rows, opts.normalize)  # undamped: J's own H
+    rtn_q = rtn_master(w, scale0, master_bits, group_size)
+    info = {"rtn": width_errors(w, rtn_q, scale0, H, master_bits, bits, group_size)}  # J's own H: undamped
+    lam = layer_weights(info["rtn"], bit_weights, rows, opts.normalize)
     scale = search_scale(w, Hd.diagonal(), lam, wd, group_size, opts.clip_grid)
 
     perm = torch.argsort(Hd.diagonal(), descending=True) if opts.act_order else torch.arange(n)
@@ -249,9 +256,7 @@ def solve(w, H, master_bits, bits, bit_weights, group_size, opts: SolverOptions 
     q_out = torch.empty(out, n)
     q_out[:, perm] = q.t()
 
-    info = {"gptq": width_errors(w, q_out, scale, H, master_bits, bits, group_size)}
-    rtn_q = rtn_master(w, scale0, master_bits, group_size)
-    info["rtn"] = width_errors(w, rtn_q, scale0, H, master_bits, bits, group_size)
+    info["gptq"] = width_errors(w, q_out, scale, H, master_bits, bits, group_size)
     info["kept_rtn_rows"] = 0
     if opts.keep_best_of_rtn:
         worse = (lam * info["gptq"]).sum(0) > (lam * info["rtn"]).sum(0)

@@ -76,7 +76,10 @@ class GPTQOptions(SolverOptions):
         return SolverOptions(**{f.name: getattr(self, f.name) for f in fields(SolverOptions)})
 
     def weights_for(self, bits) -> list[float]:
-        given = dict(self.bit_weights or {})
+        try:  # JSON/YAML may give the widths as strings
+            given = {int(b): w for b, w in dict(self.bit_weights or {}).items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"bit_weights must map bit-widths to weights, got {self.bit_weights!r}") from None
         bad = sorted(set(given) - set(bits))
         if bad:
             raise ValueError(f"bit_weights names widths {bad} that are not candidate bits {sorted(bits)}")

@@ -22,9 +22,9 @@ error ``e_bar`` and scores a candidate by the exact cost of that choice, ``Lam e
 (e_b - e_bar)^2`` (the spread between widths cannot be compensated by one shared target).
 
 Candidates per column (``candidates="local"``): the rounding ``c`` of the top width's target to the master grid,
-and for each lower width the master integer nearest ``c`` whose derived level is each of the two levels around that
-width's target (``1 + 2 * (B - 1)`` candidates). Within one level of a width the top width's error is smallest
-nearest ``c``, so this holds the best master for every neighbouring level of each width taken alone;
+and for each lower width the master integers nearest ``c`` whose derived level is one below / one above the level
+``c`` derives to (``1 + 2 * (B - 1)`` candidates). Within one level of a width the top width's error is smallest
+nearest ``c``, so this holds the best master for every one-level move of each width taken alone;
 ``candidates="all"`` scores every master integer (exact per column; used for 4-bit masters and as a check).
 
 Scales: ``s = alpha * max|W_g| / (2^(h-1) - 1)`` per group, ``alpha`` from ``clip_grid`` chosen per (row, group) by the
@@ -116,11 +116,11 @@ def _candidates(t, s, wd: _Widths, top: int, mode: str) -> torch.Tensor:
     if not wd.low:
         return c.unsqueeze(0)
     step, half = wd.low_step, wd.low_step / 2
-    floor = torch.floor(t[wd.low] / (s * step)).clamp_(wd.low_lo, wd.low_hi - 1)
-    own = torch.round(c / step)  # the level c itself derives to
-    # (4, B', m): the two levels around each lower width's target, and the two next to c's own level (the targets of
-    # different widths drift apart under their own error feedback; the best compromise can lie in between)
-    lev = torch.stack([floor, floor + 1, own - 1, own + 1]).clamp_(wd.low_lo, wd.low_hi)
+    own = torch.round(c / step).clamp_(wd.low_lo, wd.low_hi)  # (B', m): the level c derives to at each lower width
+    # Move one level down or up at each lower width, staying as close to c as that allows: the widths' targets
+    # drift apart under their own error feedback, and the best compromise is c or one level away at some width.
+    # (Checked against scoring all 256 masters on SmolLM2 layers: the same joint error to 4 digits.)
+    lev = torch.stack([own - 1, own + 1]).clamp_(wd.low_lo, wd.low_hi)
     odd = torch.remainder(lev, 2)  # a tie q = lev * step +- half rounds (half to even) into `lev` iff lev is even
     a = lev * step - half + odd  # the master interval that derives to `lev` ...
     z = torch.where(lev >= wd.low_hi, wd.hi, lev * step + half - odd)  # ... the top level takes everything above

@@ -191,6 +191,22 @@ def test_gptq_lowers_the_calibration_error_and_restores_float_weights(char_tok):
     assert total_g < 0.95 * total_r  # and clearly lower overall
 
 
+def test_thread_pool_gives_the_same_masters(char_tok):
+    """The groups of a block are solved on a pool of threads when torch has several: same masters as one thread."""
+    cfg = DoubleRoundingConfig(candidate_bits=BITS, group_size=64)
+    runs = []
+    for threads in (1, 2):
+        m = _model()
+        targets = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and n != "lm_head"]
+        torch.set_num_threads(threads)
+        try:
+            runs.append(gptq_masters(m, cfg, targets, [TEXT], char_tok, OPTS, progress=False))
+        finally:
+            torch.set_num_threads(1)
+    for name, (q, s) in runs[0].items():
+        assert torch.equal(q, runs[1][name][0]) and torch.equal(s, runs[1][name][1]), name
+
+
 def test_trainable_gptq_starts_from_the_master(char_tok):
     m = _model()
     cfg = DoubleRoundingConfig(candidate_bits=BITS, group_size=64)

@@ -128,11 +128,10 @@ def gptq_masters(model: nn.Module, config, targets: list[str], calibration, toke
                 if unreached:
                     raise ValueError(f"block {i}: layers {unreached} are not called by the block's forward; "
                                      "list them in modules_to_not_convert or use method='rtn'")
-                groups = hc.groups()
-                for members, H in groups[:1] if opts.true_sequential else groups:
-                    bar.set_postfix_str("+".join(m.rsplit(".", 1)[-1] for m in members))
-                    _quantize_group(block, members, H, config, bits, weights, opts, prop, originals,
-                                    f"{prefix}.{i}.", masters, stats)
+                groups = hc.groups()[:1] if opts.true_sequential else hc.groups()
+                bar.set_postfix_str(", ".join("+".join(m.rsplit(".", 1)[-1] for m in g) for g, _ in groups))
+                for (members, _), res in zip(groups, _solve_groups(block, groups, config, bits, weights, opts)):
+                    _apply(block, members, res, config, bits, prop, originals, f"{prefix}.{i}.", masters, stats)
                     for m in members:
                         todo.pop(m)
             batches = run_block(block, batches)
@@ -146,18 +145,43 @@ def gptq_masters(model: nn.Module, config, targets: list[str], calibration, toke
     return masters
 
 
-def _quantize_group(block, members, H, config, bits, weights, opts, prop, originals, prefix, masters, stats):
-    mods = [block.get_submodule(m) for m in members]
-    w = torch.cat([m.weight.detach().float() for m in mods])
-    rows, r = [], 0
-    for m in mods:
-        rows.append((r, r + m.out_features))
-        r += m.out_features
-    q, scale, info = solve(w, H, config.master_bits, bits, weights, config.group_size, opts.solver(), rows)
-    for m, name, (r0, r1) in zip(mods, members, rows):
-        full = prefix + name
+def _solve_groups(block, groups, config, bits, weights, opts) -> list:
+    """Solve the layer groups of one block (independent given their Hessians) on a pool of ``torch.get_num_threads()``
+    Python threads with one intra-op thread each: the column loop is thousands of small ops, which one thread runs
+    faster than two, so the cores are better used one group each (the ops release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(group):
+        members, H = group
+        mods = [block.get_submodule(m) for m in members]
+        w = torch.cat([m.weight.detach().float() for m in mods])
+        bounds = [0, *torch.tensor([m.out_features for m in mods]).cumsum(0).tolist()]
+        rows = list(zip(bounds[:-1], bounds[1:]))
+        return solve(w, H, config.master_bits, bits, weights, config.group_size, opts.solver(), rows), rows
+
+    threads = torch.get_num_threads()
+    workers = max(1, min(threads, len(groups)))
+    if workers == 1:
+        return [one(g) for g in groups]
+    torch.set_num_threads(1)
+    try:
+        # largest first, so the pool ends together (gate+up is a third of a Llama block)
+        order = sorted(range(len(groups)), key=lambda k: -sum(block.get_submodule(m).weight.numel() for m in groups[k][0]))
+        with ThreadPoolExecutor(workers) as pool:
+            futures = {k: pool.submit(one, groups[k]) for k in order}
+            return [futures[k].result() for k in range(len(groups))]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _apply(block, members, result, config, bits, prop, originals, prefix, masters, stats) -> None:
+    """Record the masters, and let the following layers see the derived weights at ``prop`` bits."""
+    (q, scale, info), rows = result
+    for name, (r0, r1) in zip(members, rows):
+        m, full = block.get_submodule(name), prefix + name
         masters[full] = (q[r0:r1].contiguous(), scale[r0:r1].contiguous())
         stats[full] = {k: dict(zip(bits, info[k][:, r0:r1].sum(1).tolist())) for k in ("gptq", "rtn")}
+        stats[full]["kept_rtn_rows"] = int(info["kept_rtn"][r0:r1].sum())
         originals.setdefault(full, m.weight.data)
         derived = core.derived_weight(q[r0:r1], scale[r0:r1], config.master_bits, prop, config.group_size)
         m.weight.data = derived.to(m.weight.dtype)

@@ -234,7 +234,8 @@ def solve(w, H, master_bits, bits, bit_weights, group_size, opts: SolverOptions 
         errs = torch.empty(target.shape[0], c2 - c1, out)
         # The column loop runs thousands of small ops: one thread avoids the OpenMP hand-off per op, which costs more
         # than the op (and 10x more on a busy machine); the lazy batch matmul below gets every thread again.
-        torch.set_num_threads(1)
+        if threads > 1:
+            torch.set_num_threads(1)
         for j in range(c1, c2):
             if dynamic and j % group_size == 0:  # GPTQ's groups: scales from the already-updated columns
                 cols = slice(j, min(j + group_size, n))
@@ -250,20 +251,21 @@ def solve(w, H, master_bits, bits, bit_weights, group_size, opts: SolverOptions 
             e = (t - g) / d if per_width else ((t[0] - (lam * g).sum(0) / lam_sum) / d).unsqueeze(0)
             errs[:, j - c1] = e
             target[:, j + 1 : c2] -= U[j, j + 1 : c2].view(1, -1, 1) * e.unsqueeze(1)
-        torch.set_num_threads(threads)
+        if threads > 1:
+            torch.set_num_threads(threads)
         if c2 < n:
             target[:, c2:] -= torch.matmul(U[c1:c2, c2:].t(), errs)
     q_out = torch.empty(out, n)
     q_out[:, perm] = q.t()
 
     info["gptq"] = width_errors(w, q_out, scale, H, master_bits, bits, group_size)
-    info["kept_rtn_rows"] = 0
-    if opts.keep_best_of_rtn:
-        worse = (lam * info["gptq"]).sum(0) > (lam * info["rtn"]).sum(0)
-        if worse.any():
-            q_out[worse] = rtn_q[worse]
-            scale[worse] = scale0[worse]
-            info["gptq"][:, worse] = info["rtn"][:, worse]
-            info["kept_rtn_rows"] = int(worse.sum())
+    worse = (lam * info["gptq"]).sum(0) > (lam * info["rtn"]).sum(0)
+    if not opts.keep_best_of_rtn:
+        worse.zero_()
+    if worse.any():
+        q_out[worse] = rtn_q[worse]
+        scale[worse] = scale0[worse]
+        info["gptq"][:, worse] = info["rtn"][:, worse]
+    info["kept_rtn"] = worse  # rows where rounding's master was kept
     info["lam"] = lam
     return q_out.to(torch.int8), scale, info

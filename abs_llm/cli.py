@@ -84,7 +84,9 @@ def add_eval(sub):
     p = sub.add_parser("eval", help="perplexity of a switchable checkpoint at each bit-width")
     p.add_argument("checkpoint")
     p.add_argument("--bits", type=_bits_list, default=None, help="bit-widths to evaluate (default: all candidates)")
-    p.add_argument("--split", default="eval", choices=["train", "eval"], help="Lee corpus split (default held-out)")
+    p.add_argument("--split", default="eval", choices=["train", "train_fit", "validation", "eval", "test"],
+                   help="corpus split (default: eval = held-out test)")
+    p.add_argument("--corpus", default="lee", choices=["lee", "wiki"], help="Lee news (default) or the Wikipedia sample")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-chunks", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -137,7 +139,7 @@ def run_eval(args):
         return
     if args.text_file or args.limit is not None:
         raise SystemExit("error: --text-file and --limit apply to lm-eval tasks; add --tasks abs_local_ppl")
-    rows = eval_bits(model, tok, bits, default_corpus(args.split), args.seq_len, args.max_chunks)
+    rows = eval_bits(model, tok, bits, default_corpus(args.split, name=args.corpus), args.seq_len, args.max_chunks)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

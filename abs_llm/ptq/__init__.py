@@ -46,7 +46,8 @@ class GPTQOptions(SolverOptions):
         width from the objective, it is still derived). With ``normalize`` (default) each width's error is measured
         relative to plain rounding's on the same layer.
     seq_len / calib_tokens / batch_size: calibration windows (non-overlapping, from the joined texts).
-    propagate_bits: width at which an already quantized block feeds the next one (``None``: the master width).
+    propagate_bits: width at which an already quantized block feeds the next one (``None``: the master width;
+        ``0``: the float weights, i.e. every layer is calibrated on the float model's activations).
     true_sequential: re-collect the Hessians inside a block after each group of layers (q/k/v, o, gate/up, down) is
         quantized (one extra block pass per group), instead of once per block.
     """
@@ -100,8 +101,9 @@ def gptq_masters(model: nn.Module, config, targets: list[str], calibration, toke
     bits = list(config.candidate_bits)
     weights = opts.weights_for(bits)
     prop = config.master_bits if opts.propagate_bits is None else opts.propagate_bits
-    if not 2 <= prop <= config.master_bits:
-        raise ValueError(f"propagate_bits={prop} is not derivable from a {config.master_bits}-bit master")
+    if not (prop == 0 or 2 <= prop <= config.master_bits):
+        raise ValueError(f"propagate_bits={prop} is neither 0 (float) nor derivable from a {config.master_bits}-bit "
+                         "master")
     windows = calibration_windows(tokenizer, calibration, opts.seq_len, opts.calib_tokens)
     prefix, blocks = find_blocks(model, targets)
     outside = [t for t in targets if not t.startswith(prefix + ".")]
@@ -182,6 +184,7 @@ def _apply(block, members, result, config, bits, prop, originals, prefix, master
         masters[full] = (q[r0:r1].contiguous(), scale[r0:r1].contiguous())
         stats[full] = {k: dict(zip(bits, info[k][:, r0:r1].sum(1).tolist())) for k in ("gptq", "rtn")}
         stats[full]["kept_rtn_rows"] = int(info["kept_rtn"][r0:r1].sum())
-        originals.setdefault(full, m.weight.data)
-        derived = core.derived_weight(q[r0:r1], scale[r0:r1], config.master_bits, prop, config.group_size)
-        m.weight.data = derived.to(m.weight.dtype)
+        if prop:
+            originals.setdefault(full, m.weight.data)
+            derived = core.derived_weight(q[r0:r1], scale[r0:r1], config.master_bits, prop, config.group_size)
+            m.weight.data = derived.to(m.weight.dtype)

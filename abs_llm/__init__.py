@@ -23,6 +23,10 @@ def _register() -> None:
 
 _register()
 
+from .peft_hook import install_when_imported as _install_peft_hook  # noqa: E402
+
+_install_peft_hook()  # plain peft.get_peft_model / PeftModel.from_pretrained learn SwitchableLinear when peft loads
+
 
 def __getattr__(name):
     # Heavy helpers (model/corpus loading, evaluation) load on first use, not at import.

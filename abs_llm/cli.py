@@ -1,12 +1,15 @@
-"""``abs-llm`` console script. Each subcommand is an ``add_<name>(subparsers)`` function that sets ``func``."""
+"""``abs-llm`` console script: each subcommand is an ``add_<name>(subparsers)`` that parses, and a ``run_<name>(args)``
+that calls one library function and prints. A library ``ValueError`` becomes one line on stderr and exit code 2, the
+same code argparse uses for a malformed command line."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
+
+from .core import DEFAULT_CANDIDATE_BITS, DEFAULT_GROUP_SIZE, DEFAULT_MASTER_BITS
+from .results import DEFAULT_EVAL_CHUNKS
 
 
 def _bits_list(text: str) -> list[int]:
@@ -25,25 +28,16 @@ def _group_size(text: str):
         raise argparse.ArgumentTypeError(f"group size must be an integer or 'none', got {text!r}") from None
 
 
-def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse to write into a non-empty directory unless ``overwrite``: a user's files are never clobbered silently."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: output path {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SystemExit(f"error: output directory {out} exists and is not empty; pass --overwrite to replace it")
-    return out
-
-
-def _load_float(model_id: str | None):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .data import default_model_path
-
-    path = model_id or default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model, AutoTokenizer.from_pretrained(path), path
+def _eval_flags(p, tokenizer_only: bool = False):
+    """--tokenizer for every verb that needs one; --no-eval / --eval-chunks for those that store eval_results.json."""
+    p.add_argument("--tokenizer", default=None, help="tokenizer path or HF id (default: the checkpoint's, else its source"
+                                                     " model's)")
+    if tokenizer_only:
+        return
+    p.add_argument("--no-eval", action="store_true", help="skip the per-width PPL stored as eval_results.json")
+    p.add_argument("--eval-chunks", type=lambda t: None if t.lower() in ("all", "none") else int(t),
+                   default=DEFAULT_EVAL_CHUNKS, help="held-out windows of 512 tokens per width for eval_results.json"
+                                                     f" (default {DEFAULT_EVAL_CHUNKS}; 'all')")
 
 
 # ---- quantize ---------------------------------------------------------------------------------------------------------
@@ -52,31 +46,68 @@ def add_quantize(sub):
     p.add_argument("model", nargs="?", default=None, help="HF model id or local path (default: embedded SmolLM2-135M)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--bits", type=int, default=None, help="active bits saved in the checkpoint (default: highest)")
-    p.add_argument("--candidate-bits", type=_bits_list, default=[8, 6, 4, 3, 2])
-    p.add_argument("--master-bits", type=int, default=8, choices=[8, 4])
-    p.add_argument("--group-size", type=_group_size, default=64, help="power of two in [16, 1024], or 'none'")
+    p.add_argument("--candidate-bits", type=_bits_list, default=list(DEFAULT_CANDIDATE_BITS))
+    p.add_argument("--master-bits", type=int, default=DEFAULT_MASTER_BITS, choices=[8, 4])
+    p.add_argument("--group-size", type=_group_size, default=DEFAULT_GROUP_SIZE,
+                   help="power of two in [16, 1024], or 'none'")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    from .ptq.cli import add_arguments  # --method gptq and its calibration flags (issue 16)
-
-    add_arguments(p)
+    _eval_flags(p)
+    _gptq_flags(p)
     p.set_defaults(func=run_quantize)
 
 
 def run_quantize(args):
-    from . import DoubleRoundingConfig, quantize
+    from . import DoubleRoundingConfig
+    from .pipeline import quantize_to_dir
 
-    cfg = DoubleRoundingConfig(bits=args.bits or max(args.candidate_bits), candidate_bits=args.candidate_bits,
-                               master_bits=args.master_bits, group_size=args.group_size)
-    out = prepare_output_dir(args.out, args.overwrite)  # checked before the slow part
-    from .ptq.cli import quantize_kwargs
+    cfg = DoubleRoundingConfig(bits=args.bits, candidate_bits=args.candidate_bits, master_bits=args.master_bits,
+                               group_size=args.group_size)
+    gptq = _gptq_kwargs(args)
+    out = quantize_to_dir(args.model, args.out, cfg, overwrite=args.overwrite, tokenizer=args.tokenizer,
+                          evaluate=not args.no_eval, eval_chunks=args.eval_chunks, **gptq)
+    print(f"wrote switchable checkpoint {out} (from {args.model or 'the embedded SmolLM2-135M-Instruct'}; "
+          f"{args.method} master INT{cfg.master_bits}, bits {cfg.candidate_bits})")
 
-    kwargs = quantize_kwargs(args)  # flag mistakes and a missing calibration file fail before the model loads
-    model, tok, src = _load_float(args.model)
-    quantize(model, cfg, **kwargs | ({"tokenizer": tok} if kwargs else {}))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    print(f"wrote switchable checkpoint {out} (from {src}; {args.method} master INT{cfg.master_bits}, bits "
-          f"{cfg.candidate_bits})")
+
+def _bit_weights(text: str) -> dict[int, float]:
+    try:
+        pairs = [p.split("=") for p in text.split(",") if p.strip()]
+        return {int(b): float(w) for b, w in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BITS=WEIGHT pairs like 8=0.1,4=1, got {text!r}") from None
+
+
+def _gptq_flags(p) -> None:
+    g = p.add_argument_group("one-shot PTQ (--method gptq)")
+    g.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
+                   help="rtn: round the master to nearest (default); gptq: choose it on calibration text to minimise"
+                        " the layer-output error summed over all candidate widths")
+    g.add_argument("--calibration", default=None, help="lee (Lee train docs 0-224, default), wiki (Wikipedia sample "
+                                                       "train articles), lee+wiki, or a text file")
+    g.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (default 16384)")
+    g.add_argument("--calib-docs", type=int, default=None, help="use only the first N documents of the corpus")
+    g.add_argument("--calib-seq-len", type=int, default=None, help="calibration window length (default 512)")
+    g.add_argument("--gptq-bit-weights", type=_bit_weights, default=None,
+                   help="weight of each width in the joint objective, e.g. 8=0.1,6=0.5,4=1,3=1,2=0.05")
+    g.add_argument("--gptq-damp", type=float, default=None, help="Hessian damping, fraction of mean diag (0.01)")
+    g.add_argument("--gptq-no-act-order", action="store_true", help="quantize columns in their stored order")
+
+
+def _gptq_kwargs(args) -> dict:
+    """``method`` / ``calibration`` / ``calib_docs`` / ``gptq_options`` for ``quantize_to_dir``; GPTQ flags given
+    with ``--method rtn`` are refused (they would be silently ignored)."""
+    opts = {k: v for k, v in (("calib_tokens", args.calib_tokens), ("seq_len", args.calib_seq_len),
+                              ("bit_weights", args.gptq_bit_weights), ("damp", args.gptq_damp)) if v is not None}
+    if args.gptq_no_act_order:
+        opts["act_order"] = False
+    if args.method == "rtn":
+        given = [f for f in ("calibration", "calib_tokens", "calib_docs", "calib_seq_len", "gptq_bit_weights",
+                             "gptq_damp", "gptq_no_act_order") if getattr(args, f) not in (None, False)]
+        if given:
+            raise ValueError(", ".join("--" + f.replace("_", "-") for f in given) + " only apply to --method gptq")
+        return {}
+    return {"method": "gptq", "calibration": args.calibration or "lee", "calib_docs": args.calib_docs,
+            "gptq_options": opts}
 
 
 # ---- eval -------------------------------------------------------------------------------------------------------------
@@ -98,60 +129,23 @@ def add_eval(sub):
                                                       " instead of the Lee held-out split")
     p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
     p.add_argument("--max-length", type=int, default=None, help="lm-eval context window (default: the model's)")
+    p.add_argument("--save", action="store_true", help="also store the results in CHECKPOINT/eval_results.json + .md"
+                                                       " (the model card uses them)")
+    _eval_flags(p, tokenizer_only=True)
     p.set_defaults(func=run_eval)
 
 
-def eval_bits(model, tokenizer, bits_list, texts, seq_len=512, max_chunks=None):
-    from .evaluation import perplexity
-    from .switching import model_bytes, set_bits
-
-    rows = []
-    for b in bits_list:
-        set_bits(model, b)
-        ppl = perplexity(model, tokenizer, texts, seq_len=seq_len, max_chunks=max_chunks)
-        rows.append({"bits": b, "ppl": ppl, "bytes": model_bytes(model, b)})
-    return rows
-
-
 def run_eval(args):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .pipeline import evaluate_checkpoint
 
-    from .data import default_corpus
-    from .switching import switchable_layers
-
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint)
-    tok = AutoTokenizer.from_pretrained(args.checkpoint)
-    layers = switchable_layers(model)
-    if not layers:
-        raise SystemExit(f"error: {args.checkpoint} is not a switchable (double_rounding) checkpoint")
-    cands = next(iter(layers.values())).candidate_bits
-    bits = args.bits or list(cands)
-    bad = [b for b in bits if b not in cands]
-    if bad:
-        raise SystemExit(f"error: bits {bad} not in this checkpoint's candidate bits {sorted(cands)}")
-    if args.tasks is not None:
-        from .lm_eval_tasks import format_lm_eval_table, lm_eval_bits
-
-        limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-        rows = lm_eval_bits(model, tok, bits, args.tasks, limit=limit, text_file=args.text_file,
-                            batch_size=args.batch_size, max_length=args.max_length)
-        print(json.dumps(rows, indent=2) if args.json else format_lm_eval_table(rows))
-        return
-    if args.text_file or args.limit is not None:
-        raise SystemExit("error: --text-file and --limit apply to lm-eval tasks; add --tasks abs_local_ppl")
-    rows = eval_bits(model, tok, bits, default_corpus(args.split, name=args.corpus), args.seq_len, args.max_chunks)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(format_table(rows))
-
-
-def format_table(rows, fp_ppl: float | None = None) -> str:
-    lines = ["| bits | PPL | delta vs FP | bytes |", "|---|---|---|---|"]
-    for r in rows:
-        delta = "" if fp_ppl is None else f"{100 * (r['ppl'] / fp_ppl - 1):+.2f}%"
-        lines.append(f"| {r['bits']} | {r['ppl']:.3f} | {delta} | {r['bytes'] / 1e6:.1f} MB |")
-    return "\n".join(lines)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    rows, table = evaluate_checkpoint(args.checkpoint, args.bits, args.split, args.seq_len, args.max_chunks,
+                                      tasks=args.tasks, limit=limit, text_file=args.text_file,
+                                      batch_size=args.batch_size, max_length=args.max_length, tokenizer=args.tokenizer,
+                                      save=args.save, corpus=args.corpus)
+    print(json.dumps(rows, indent=2) if args.json else table)
+    if args.save:
+        print(f"stored in {args.checkpoint}/eval_results.json and eval_results.md", file=sys.stderr)
 
 
 # ---- export -----------------------------------------------------------------------------------------------------------
@@ -166,15 +160,9 @@ def add_export(sub):
 
 
 def run_export(args):
-    from transformers import AutoModelForCausalLM
+    from .export import export_checkpoint
 
-    from .export import FORMATS, export
-
-    if args.format not in FORMATS:  # checked before the slow load
-        raise ValueError(f"unknown export format {args.format!r}; choose one of {list(FORMATS)}")
-    out = prepare_output_dir(args.out, args.overwrite)
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint)
-    export(model, out, args.bits, args.format, source_dir=args.checkpoint)
+    out = export_checkpoint(args.checkpoint, args.out, args.bits, args.format, overwrite=args.overwrite)
     print(f"wrote {args.format} snapshot at {args.bits} bits to {out}")
 
 
@@ -186,15 +174,18 @@ def add_push(sub):
     p.add_argument("--private", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="write the upload folder to --out, upload nothing")
     p.add_argument("--out", default=None, help="with --dry-run: where the upload folder goes")
-    p.add_argument("--results", default=None, help="JSON from `abs-llm eval --json` for the model card table")
+    p.add_argument("--results", default=None, help="JSON from `abs-llm eval --json` for the model card table (default:"
+                                                   " the checkpoint's eval_results.json, else measured on the copy)")
+    _eval_flags(p)
     p.set_defaults(func=run_push)
 
 
 def run_push(args):
-    from .io import push
+    from .hub import push
 
     where = push(args.checkpoint, args.repo_id, private=args.private, dry_run=args.dry_run, out=args.out,
-                 results=args.results)
+                 results=args.results, evaluate=not args.no_eval, tokenizer=args.tokenizer,
+                 eval_chunks=args.eval_chunks)
     print(f"dry run: wrote the upload folder {where} (nothing uploaded)" if args.dry_run else f"uploaded to {where}")
 
 
@@ -202,7 +193,7 @@ def run_push(args):
 def add_demo(sub):
     p = sub.add_parser("demo", help="the main job: default model -> switchable checkpoint -> PPL + generation per bits")
     p.add_argument("--out", default="outputs/demo", help="where the checkpoint, table and plot go")
-    p.add_argument("--group-size", type=_group_size, default=64)
+    p.add_argument("--group-size", type=_group_size, default=DEFAULT_GROUP_SIZE)
     p.add_argument("--max-chunks", type=int, default=None, help="cap evaluation windows (default: full split)")
     p.add_argument("--prompt", action="append", default=None, help="a question for the chat template (repeatable)")
     p.add_argument("--method", default="gptq", choices=["gptq", "rtn"], help="how the master is chosen")
@@ -226,6 +217,7 @@ def add_train(sub):
     p.add_argument("--output-dir", default=None, help="override output_dir; receives the final switchable checkpoint")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if OUTPUT_DIR holds checkpoint-* dirs")
     p.add_argument("--resume-from", default=None, help="resume from this Trainer checkpoint directory")
+    _eval_flags(p)
     p.set_defaults(func=run_train)
 
 
@@ -233,7 +225,8 @@ def run_train(args):
     from .recipe import train
 
     resume = args.resume_from or (not args.no_resume)
-    trainer = train(args.recipe, max_steps=args.max_steps, output_dir=args.output_dir, resume=resume)
+    trainer = train(args.recipe, max_steps=args.max_steps, output_dir=args.output_dir, resume=resume,
+                    tokenizer=args.tokenizer, evaluate=not args.no_eval, eval_chunks=args.eval_chunks)
     if trainer.args.should_save:
         print(f"wrote switchable checkpoint {trainer.args.output_dir} (trained on world_size={trainer.args.world_size})")
 
@@ -269,76 +262,25 @@ def add_search(sub):
     p.add_argument("--split", default="eval", choices=["train", "eval"], help="sweep PPL split (default held-out)")
     p.add_argument("--max-chunks", type=int, default=None, help="cap sweep PPL windows")
     p.add_argument("--overwrite", action="store_true")
+    _eval_flags(p)
     p.set_defaults(func=run_search)
 
 
-def _load_traces(args, model):
-    if args.traces:
-        from .training import load_traces
-
-        return load_traces(args.traces), f"file {args.traces}"
-    stored = getattr(model.config.quantization_config, "hessian_traces", None)
-    if stored and not args.recompute:
-        return stored, "checkpoint config"
-    return None, None
-
-
 def run_search(args):
-    import time
+    from .hasb import search_checkpoint
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import hasb
-    from .data import default_corpus
-    from .hasb_eval import calibration_batches, layer_table, plot_sweep, sweep
-    from .switching import model_bytes, set_bits, switchable_layers
-
-    if args.avg_bits is None and args.size_bytes is None and not args.sweep:
-        raise SystemExit("error: give --avg-bits or --size-bytes (or --sweep)")
-    if args.calib_docs < 1 or args.calib_docs > 250:
-        raise SystemExit(f"error: --calib-docs must be in [1, 250] (the train split), got {args.calib_docs}")
-    out = prepare_output_dir(args.out, args.overwrite)
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint)
-    tok = AutoTokenizer.from_pretrained(args.checkpoint)
-    if not switchable_layers(model):
-        raise SystemExit(f"error: {args.checkpoint} is not a switchable (double_rounding) checkpoint")
-    report = {"checkpoint": str(args.checkpoint)}
-    traces, source = _load_traces(args, model)
-    if traces is None:
-        batches = calibration_batches(tok, default_corpus("train")[: args.calib_docs], args.calib_seq_len,
-                                      args.calib_batch_size, args.calib_batches)
-        t = time.perf_counter()
-        estimate = hasb.fisher_traces if args.method == "fisher" else hasb.hessian_traces
-        traces = estimate(model, batches, n_samples=args.n_samples, seed=args.seed)
-        report["trace_seconds"] = time.perf_counter() - t
-        source = f"estimated ({args.method}, {args.n_samples} samples x {args.calib_batches} batch(es), seed {args.seed})"
-        report["calibration"] = {k: getattr(args, k) for k in ("calib_docs", "calib_seq_len", "calib_batch_size",
-                                                              "calib_batches", "n_samples", "seed", "method")}
-    traces = hasb.check_traces(model, traces, clip=False)
-    report["traces_source"] = source
-    print(f"traces: {source}")
-    out.mkdir(parents=True, exist_ok=True)
-    if args.avg_bits is not None or args.size_bytes is not None:
-        t = time.perf_counter()
-        bit_map = hasb.search(model, traces, avg_bits=args.avg_bits, size_bytes=args.size_bytes)
-        report["search_seconds"] = time.perf_counter() - t
-        set_bits(model, bit_map)
-        hasb.attach_traces(model, traces)
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        report.update(avg_bits=hasb.average_bits(model), bytes=model_bytes(model),
-                      budget={"avg_bits": args.avg_bits, "size_bytes": args.size_bytes},
-                      layers=layer_table(model, traces, bit_map))
-        print(f"wrote {out}: average {report['avg_bits']:.3f} bits, {report['bytes'] / 1e6:.1f} MB")
-    report["traces"] = traces
-    (out / "hasb.json").write_text(json.dumps(report, indent=2))
+    report = search_checkpoint(
+        args.checkpoint, args.out, avg_bits=args.avg_bits, size_bytes=args.size_bytes, traces=args.traces,
+        recompute=args.recompute, method=args.method, calib_docs=args.calib_docs, calib_seq_len=args.calib_seq_len,
+        calib_batch_size=args.calib_batch_size, calib_batches=args.calib_batches, n_samples=args.n_samples,
+        seed=args.seed, sweep_bits=args.sweep_bits if args.sweep else None, split=args.split,
+        max_chunks=args.max_chunks, overwrite=args.overwrite, tokenizer=args.tokenizer, evaluate=not args.no_eval,
+        eval_chunks=args.eval_chunks)
+    print(f"traces: {report['traces_source']}")
+    if "avg_bits" in report:
+        print(f"wrote {args.out}: average {report['avg_bits']:.3f} bits, {report['bytes'] / 1e6:.1f} MB")
     if args.sweep:
-        cands = sorted(next(iter(switchable_layers(model).values())).candidate_bits)
-        table = sweep(model, tok, traces, default_corpus(args.split), args.sweep_bits, uniform_bits=cands,
-                      max_chunks=args.max_chunks)
-        (out / "sweep.json").write_text(json.dumps(table, indent=2))
-        plot_sweep(table, out / "sweep.png")
-        print(f"wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
+        print(f"wrote {args.out}/sweep.json and {args.out}/sweep.png")
 
 
 # ---- main -------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Pure tensor math of Double Rounding (no transformers, no modules).
 
-Notation (DESIGN.md): a weight ``W`` of shape ``(out, in)`` is cut into groups of ``group_size`` consecutive input
+Notation (docs/architecture.md, "The math"): a weight ``W`` of shape ``(out, in)`` is cut into groups of ``group_size`` consecutive input
 columns per row (``group_size=None``: one group per row, i.e. per-channel). Master bits ``h``, target bits ``l``,
 ``d = h - l``.
 
@@ -26,6 +26,10 @@ import torch
 
 MASTER_BITS = (8, 4)
 MIN_GROUP, MAX_GROUP = 16, 1024
+# The defaults of DoubleRoundingConfig, SwitchableLinear, the CLI and the recipes: defined here only.
+DEFAULT_MASTER_BITS = 8
+DEFAULT_CANDIDATE_BITS = (8, 6, 4, 3, 2)
+DEFAULT_GROUP_SIZE = 64
 
 
 def qrange(bits: int) -> tuple[int, int]:

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_GGUF_FILE",
     "DEFAULT_MODEL_DIRNAME",
     "default_cache_dir",
+    "calibration_texts",
     "default_corpus",
     "default_gguf_path",
     "default_model_path",
@@ -222,3 +223,25 @@ def default_corpus(split: str = "train", name: str = "lee") -> list[str]:
     docs = [d for d in docs if d]
     lo, hi = _LEE_SPLITS[split]
     return docs[lo:hi]
+
+
+def calibration_texts(source: str = "lee", n_docs: int | None = None) -> list[str]:
+    """Calibration documents: ``"lee"`` (Lee docs 0-224, i.e. train without the validation docs), ``"wiki"`` (the
+    Wikipedia train articles), ``"lee+wiki"`` (both), or a text file (documents separated by blank lines); only the
+    first ``n_docs`` documents when given."""
+    corpora = {"lee": [("train_fit", "lee")], "wiki": [("train", "wiki")],
+               "lee+wiki": [("train_fit", "lee"), ("train", "wiki")]}
+    if source in corpora:
+        docs = [d for split, name in corpora[source] for d in default_corpus(split, name=name)]
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"calibration {source!r} is neither 'lee', 'wiki', 'lee+wiki' nor an existing text file")
+        docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    if n_docs is not None:
+        if n_docs < 1:
+            raise ValueError(f"calib_docs must be >= 1, got {n_docs}")
+        docs = docs[:n_docs]
+    if not docs:
+        raise ValueError(f"calibration {source!r} holds no text")
+    return docs

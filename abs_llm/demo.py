@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-CANDIDATES = [8, 6, 4, 3, 2]
 MARKER = "demo_results.json"
 # Questions, not sentence fragments: the Instruct model answers through its chat template (a fragment such as
 # "The capital of France is" sent as a user turn makes it chat about itself instead of completing it).
@@ -36,10 +35,9 @@ def demo(out_dir="outputs/demo", group_size=64, max_chunks=None, prompts=PROMPTS
          calibration="lee", calib_tokens=8192, contrast=True) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import DoubleRoundingConfig, quantize, set_bits
-    from .data import default_corpus, default_model_path
-    from .evaluation import perplexity
-    from .ptq.cli import calibration_texts
+    from . import DoubleRoundingConfig, quantize
+    from .data import calibration_texts, default_corpus, default_model_path
+    from .evaluation import evaluate_bits, perplexity
     from .switching import model_bytes
 
     if method not in METHODS:
@@ -57,14 +55,14 @@ def demo(out_dir="outputs/demo", group_size=64, max_chunks=None, prompts=PROMPTS
     print(f"default model: {src}\nheld-out split: {len(texts)} Lee documents, seq_len 512, non-overlapping windows"
           + (f" (first {max_chunks})" if max_chunks else ""))
 
-    def ppl(model):
-        return perplexity(model, tok, texts, max_chunks=max_chunks, progress=False)
+    def answers(m, b=None):
+        return {"answers": [_generate(m, tok, p) for p in prompts]}
 
     fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    fp_ppl = ppl(fp)
-    rows = [{"method": "fp32", "bits": "fp32", "ppl": fp_ppl, "bytes": model_bytes(fp), "answers": _answers(fp, tok, prompts)}]
+    fp_ppl = perplexity(fp, tok, texts, max_chunks=max_chunks, progress=False)
+    rows = [{"method": "fp32", "bits": "fp32", "ppl": fp_ppl, "bytes": model_bytes(fp)} | answers(fp)]
     print(f"fp32: PPL {fp_ppl:.2f}")
-    cfg = DoubleRoundingConfig(bits=8, candidate_bits=CANDIDATES, master_bits=8, group_size=group_size)
+    cfg = DoubleRoundingConfig(group_size=group_size)
     t = time.perf_counter()
     kwargs = {"method": "gptq", "calibration": calib, "tokenizer": tok,
               "gptq_options": {"calib_tokens": calib_tokens}} if method == "gptq" else {}
@@ -76,27 +74,22 @@ def demo(out_dir="outputs/demo", group_size=64, max_chunks=None, prompts=PROMPTS
     del fp
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()  # the main rows run on the reloaded checkpoint
     print(f"{method} master: quantized in {quantize_s:.0f} s, saved and reloaded from {ckpt}")
-    for b in CANDIDATES:
-        set_bits(model, b)
-        rows.append({"method": method, "bits": b, "ppl": ppl(model), "bytes": model_bytes(model, b),
-                     "answers": _answers(model, tok, prompts)})
-        print(f"  {method} w{b}: PPL {rows[-1]['ppl']:.2f}")
+    rows += [r | {"method": method} for r in evaluate_bits(model, tok, cfg.candidate_bits, texts, max_chunks=max_chunks,
+                                                           progress=False, each=answers)]
     del model
     if contrast and method == "gptq":  # the same format, masters rounded to nearest: what GPTQ buys
-        rtn = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-        quantize(rtn, DoubleRoundingConfig(bits=8, candidate_bits=CANDIDATES, master_bits=8, group_size=group_size))
-        for b in CANDIDATES:
-            set_bits(rtn, b)
-            answers = _answers(rtn, tok, prompts) if b <= 4 else None
-            rows.append({"method": "rtn", "bits": b, "ppl": ppl(rtn), "bytes": model_bytes(rtn, b), "answers": answers})
-            print(f"  rtn w{b}: PPL {rows[-1]['ppl']:.2f}")
+        rtn = quantize(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(),
+                       DoubleRoundingConfig(group_size=group_size))
+        rows += [r | {"method": "rtn"} for r in evaluate_bits(
+            rtn, tok, cfg.candidate_bits, texts, max_chunks=max_chunks, progress=False,
+            each=lambda m, b: answers(m) if b <= 4 else {"answers": None})]
         del rtn
 
     ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     fp32_bytes = sum(f.stat().st_size for f in Path(src).glob("*.safetensors"))
     print(f"\nswitchable checkpoint {ckpt}: {ckpt_bytes / 1e6:.1f} MB on disk (fp32 checkpoint {fp32_bytes / 1e6:.1f} MB,"
           f" bf16 {fp32_bytes / 2e6:.1f} MB), all five widths from one INT8 master")
-    print(_table(rows, fp_ppl))
+    print("\nheld-out perplexity:\n" + _table(rows, fp_ppl, cfg.candidate_bits))
     for i, p in enumerate(prompts):
         print(f"\ngreedy answers to {p!r} (chat template):")
         for r in rows:
@@ -114,20 +107,18 @@ def demo(out_dir="outputs/demo", group_size=64, max_chunks=None, prompts=PROMPTS
     return rows
 
 
-def _table(rows, fp_ppl) -> str:
+def _table(rows, fp_ppl, bits) -> str:
+    from .evaluation import markdown_table
+
     by = {(r["method"], r["bits"]): r for r in rows}
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    head = "| bits | " + " | ".join(f"{m} PPL | {m} vs FP" for m in methods) + " | bytes at this width |"
-    lines = ["", head, "|" + "---|" * (2 * len(methods) + 2), "| fp32 | " + " | ".join(
-        f"{fp_ppl:.2f} | -" for _ in methods) + f" | {by[('fp32', 'fp32')]['bytes'] / 1e6:.1f} MB |"]
-    for b in CANDIDATES:
-        cells = []
-        for m in methods:
-            r = by.get((m, b))
-            cells.append("- | -" if r is None else f"{r['ppl']:.2f} | {_delta(r['ppl'], fp_ppl)}")
-        size = next(r["bytes"] for r in rows if r["bits"] == b)
-        lines.append(f"| {b} | " + " | ".join(cells) + f" | {size / 1e6:.1f} MB |")
-    return "\n".join(lines)
+    header = ["bits"] + [h for m in methods for h in (f"{m} PPL", f"{m} vs FP")] + ["size at this width"]
+    body = [["fp32"] + [c for _ in methods for c in (f"{fp_ppl:.2f}", "-")] + [f"{by[('fp32', 'fp32')]['bytes'] / 1e6:.1f} MB"]]
+    for b in bits:
+        cells = [c for m in methods for c in ((f"{by[(m, b)]['ppl']:.2f}", _delta(by[(m, b)]["ppl"], fp_ppl))
+                                              if (m, b) in by else ("-", "-"))]
+        body.append([b] + cells + [f"{next(r['bytes'] for r in rows if r['bits'] == b) / 1e6:.1f} MB"])
+    return markdown_table(header, body)
 
 
 def _delta(ppl: float, fp: float) -> str:

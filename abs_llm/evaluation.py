@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["perplexity", "plot_ppl", "token_windows", "window_nll"]
+__all__ = ["perplexity", "evaluate_bits", "markdown_table", "ppl_table", "plot_ppl", "token_windows", "window_nll"]
 
 _JOIN = "\n\n"
 
@@ -52,7 +52,9 @@ def token_windows(tokenizer, texts: Sequence[str] | str, seq_len: int = 512, max
     text = _JOIN.join(texts)
     try:  # verbose=False: the joined corpus may exceed model_max_length; that warning is irrelevant here
         encoded = tokenizer(text, add_special_tokens=False, verbose=False)
-    except TypeError:
+    except TypeError as e:
+        if "verbose" not in str(e):  # only a tokenizer without the keyword is retried; any other error is the user's
+            raise
         encoded = tokenizer(text, add_special_tokens=False)
     ids = torch.as_tensor(encoded["input_ids"], dtype=torch.long).flatten()
     n = ids.numel()
@@ -115,6 +117,50 @@ def perplexity(
     windows = token_windows(tokenizer, texts, seq_len=seq_len, max_chunks=max_chunks)
     nll, n_tokens = window_nll(model, windows, batch_size=batch_size, progress=progress)
     return math.exp(nll / n_tokens)
+
+
+def evaluate_bits(model, tokenizer, bits_list, texts, seq_len: int = 512, max_chunks: int | None = None,
+                  progress: bool = True, each=None) -> list[dict]:
+    """``[{bits, ppl, bytes}]``: perplexity and packed snapshot size at each width of a switchable model, the one loop
+    behind ``abs-llm eval``, the demo, the HASB sweep, model cards and the benchmarks. ``each(model, bits)`` may return
+    more fields for a row (e.g. a generation). The model's own bit setting is restored afterwards."""
+    from .switching import check_bits, get_bits, model_bytes, set_bits
+
+    if not bits_list:
+        return []
+    bits_list = check_bits(model, list(bits_list))
+    before = get_bits(model)
+    rows = []
+    try:
+        for b in bits_list:
+            set_bits(model, b)
+            row = {"bits": b, "ppl": perplexity(model, tokenizer, texts, seq_len=seq_len, max_chunks=max_chunks,
+                                                progress=progress), "bytes": model_bytes(model, b)}
+            rows.append(row | (each(model, b) if each else {}))
+    finally:
+        set_bits(model, before)
+    return rows
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A GitHub-flavoured Markdown table (every table the toolkit prints or writes goes through here)."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def ppl_table(rows: Sequence[dict], fp_ppl: float | None = None) -> str:
+    """Rows of :func:`evaluate_bits` (``bits`` may be a label such as ``"fp32"``), highest width first, with the change
+    against ``fp_ppl`` when given."""
+    def order(r):
+        return (0, 0) if isinstance(r["bits"], str) else (1, -r["bits"])
+
+    out = []
+    for r in sorted(rows, key=order):
+        delta = [] if fp_ppl is None else [f"{100 * (r['ppl'] / fp_ppl - 1):+.2f}%"]
+        out.append([r["bits"], f"{r['ppl']:.3f}", *delta, f"{r['bytes'] / 1e6:.1f} MB" if "bytes" in r else ""])
+    header = ["bits", "PPL"] + ([] if fp_ppl is None else ["delta vs FP"]) + ["size at this width"]
+    return markdown_table(header, out)
 
 
 def _bits_label(bits) -> str:

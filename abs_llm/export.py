@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from . import core
-from .switching import switchable_layers
+from .hf_quantizer import replace_linears
+from .switching import check_bits, require_layers
 
 FORMATS = ("compressed-tensors", "hf-dense")
 _AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -32,13 +33,8 @@ _AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 def _check(model, bits: int, fmt: str) -> dict:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
-    layers = switchable_layers(model)
-    if not layers:
-        raise ValueError("model has no SwitchableLinear layers; nothing to export")
-    bad = sorted({n for n, m in layers.items() if bits not in m.candidate_bits})
-    if bad:
-        raise ValueError(f"bits={bits} is not a candidate bit-width of {bad[:3]}; allowed "
-                         f"{sorted(next(iter(layers.values())).candidate_bits)}")
+    layers = require_layers(model)
+    check_bits(model, bits)
     if any(m.trainable for m in layers.values()):
         raise ValueError("model has SwitchableLinear layers in training mode; freeze() them before exporting")
     return layers
@@ -95,6 +91,10 @@ def export_compressed_tensors(model, out, bits: int, source_dir=None) -> Path:
     from safetensors.torch import save_file
 
     layers = _check(model, bits, "compressed-tensors")
+    conv = [n for n, m in layers.items() if getattr(m, "conv1d", False)]
+    if conv:
+        raise ValueError(f"compressed-tensors replaces nn.Linear layers, but {conv[0]} (and {len(conv) - 1} more) was a "
+                         "GPT-2-style Conv1D; export this model with --format hf-dense")
     short = [n for n, m in layers.items() if m.group_size is not None and m.in_features % m.group_size]
     if short:
         m = layers[short[0]]
@@ -126,14 +126,23 @@ def dense_copy(model, bits: int):
     layers = _check(model, bits, "hf-dense")
     dense = copy.deepcopy(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    for name in layers:
-        m = dense.get_submodule(name)
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        lin.weight = nn.Parameter(m.derived_weight(bits, dtype).detach().clone(), requires_grad=False)
+
+    def to_linear(name, m):
+        w = m.derived_weight(bits, dtype).detach()
+        if getattr(m, "conv1d", False):  # back to the module the model was built with (weight stored (in, out))
+            from transformers.pytorch_utils import Conv1D
+
+            with torch.device("meta"):
+                lin = Conv1D(m.out_features, m.in_features)  # always has a bias, as did the layer it came from
+            lin.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
+        else:
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            lin.weight = nn.Parameter(w.clone(), requires_grad=False)
         if m.bias is not None:
             lin.bias = nn.Parameter(m.bias.detach().clone().to(dtype), requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        setattr(dense.get_submodule(parent) if parent else dense, child, lin)
+        return lin
+
+    replace_linears(dense, list(layers), to_linear)
     for attr in ("hf_quantizer", "quantization_method"):
         if hasattr(dense, attr):
             delattr(dense, attr)
@@ -158,3 +167,16 @@ def export(model, out, bits: int, fmt: str, source_dir=None) -> Path:
     _check(model, bits, fmt)
     fn = export_compressed_tensors if fmt == "compressed-tensors" else export_dense
     return fn(model, out, bits, source_dir=source_dir)
+
+
+def export_checkpoint(checkpoint, out, bits: int, fmt: str, overwrite: bool = False) -> Path:
+    """``abs-llm export``: load a switchable checkpoint and write its ``bits`` snapshot in ``fmt`` to ``out`` (the format
+    and the output folder are checked before the slow load)."""
+    from .saving import prepare_output_dir
+    from .pipeline import load_checkpoint
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
+    out = prepare_output_dir(out, overwrite)
+    model, _ = load_checkpoint(checkpoint, tokenizer=False)
+    return export(model, out, bits, fmt, source_dir=checkpoint)

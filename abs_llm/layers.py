@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import core, kernels
+from . import checkpoint, core, kernels
 
 # Default memory cap of a layer's cache of packed weights, as a multiple of the int8 master's bytes. Entries sharing
 # the master (int8pack at the master's own width) cost nothing, so 8<->4 ping-pong in bf16 (0 + 0.5x) stays cached;
@@ -36,9 +36,9 @@ class SwitchableLinear(nn.Module):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        master_bits: int = 8,
-        candidate_bits=(8, 6, 4, 3, 2),
-        group_size: int | None = 64,
+        master_bits: int = core.DEFAULT_MASTER_BITS,
+        candidate_bits=core.DEFAULT_CANDIDATE_BITS,
+        group_size: int | None = core.DEFAULT_GROUP_SIZE,
         bits: int | None = None,
         device=None,
         dtype=None,
@@ -49,6 +49,8 @@ class SwitchableLinear(nn.Module):
         super().__init__()
         allowed = core.allowed_candidates(master_bits)
         core.check_group_size(group_size)
+        if not candidate_bits:
+            raise ValueError(f"candidate_bits must be a non-empty list drawn from {list(allowed)}")
         bad = [b for b in candidate_bits if b not in allowed]
         if bad:
             raise ValueError(f"candidate bits {bad} not derivable from a {master_bits}-bit master; allowed {list(allowed)}")
@@ -60,12 +62,12 @@ class SwitchableLinear(nn.Module):
         self._cache: OrderedDict = OrderedDict()  # (bits, dtype, device) -> kernels.Packed, least recent first
         self._kernel = kernels.check_kernel(kernel)
         self._act = None  # (dtype, device) of the last forward: what set_bits packs eagerly
-        cols = in_features if master_bits == 8 else (in_features + 1) // 2
-        mdtype = torch.int8 if master_bits == 8 else torch.uint8
-        self.register_buffer("weight_master", torch.zeros(out_features, cols, dtype=mdtype, device=device))
-        ngroups = core.num_groups(in_features, group_size)
+        self.offloaded = False  # set at load when accelerate offloads this layer (hf_quantizer.offloaded_modules)
+        mdtype, mshape = checkpoint.master_layout(out_features, in_features, master_bits)
+        self.register_buffer("weight_master", torch.zeros(mshape, dtype=mdtype, device=device))
         self.weight_scale = nn.Parameter(
-            torch.ones(out_features, ngroups, dtype=torch.float32, device=device), requires_grad=False
+            torch.ones(checkpoint.scale_shape(out_features, in_features, group_size), dtype=torch.float32,
+                       device=device), requires_grad=False
         )
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
         self.register_parameter("weight", None)  # latent float weight, training mode only
@@ -74,7 +76,8 @@ class SwitchableLinear(nn.Module):
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_linear(cls, linear: nn.Linear, master_bits=8, candidate_bits=(8, 6, 4, 3, 2), group_size=64, bits=None,
+    def from_linear(cls, linear: nn.Linear, master_bits=core.DEFAULT_MASTER_BITS,
+                    candidate_bits=core.DEFAULT_CANDIDATE_BITS, group_size=core.DEFAULT_GROUP_SIZE, bits=None,
                     trainable: bool = False, name: str = "") -> "SwitchableLinear":
         w = linear.weight.detach()
         if not torch.isfinite(w).all():
@@ -112,9 +115,7 @@ class SwitchableLinear(nn.Module):
         """The master integers as int8 ``(out, in)`` (unpacked for a 4-bit master)."""
         if self.trainable:
             return core.quantize_master(self.weight, self.weight_scale, self.master_bits, self.group_size)
-        if self.master_bits == 4:
-            return core.unpack_int4(self.weight_master, self.in_features)
-        return self.weight_master
+        return checkpoint.decode_master(self.weight_master, self.master_bits, self.in_features)
 
     def set_master(self, q: torch.Tensor) -> None:
         lo, hi = core.qrange(self.master_bits)
@@ -122,8 +123,7 @@ class SwitchableLinear(nn.Module):
             raise ValueError(f"master shape {tuple(q.shape)} != {(self.out_features, self.in_features)}")
         if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
             raise ValueError(f"master values outside [{lo}, {hi}] for {self.master_bits}-bit master")
-        packed = core.pack_int4(q) if self.master_bits == 4 else q.to(torch.int8)
-        self.weight_master = packed.to(self.weight_scale.device)
+        self.weight_master = checkpoint.encode_master(q, self.master_bits).to(self.weight_scale.device)
         self.invalidate_cache()
 
     # ---- bit-width ----------------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ class SwitchableLinear(nn.Module):
     def bits(self, value: int) -> None:
         if isinstance(value, bool) or value not in self.candidate_bits:
             raise ValueError(f"bits={value!r} is not a candidate of this layer; allowed {list(self.candidate_bits)}")
-        self._bits = int(value)
+        self.__dict__["_bits"] = int(value)  # a plain int: skip nn.Module.__setattr__ (switching is per-layer Python)
 
     @property
     def kernel(self) -> str:
@@ -159,8 +159,13 @@ class SwitchableLinear(nn.Module):
 
     def packed(self, dtype, device) -> kernels.Packed:
         """The active width packed for the best kernel for ``(dtype, device)``; LRU-cached, memory-capped."""
-        device = torch.device(device)
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
         key = (self._bits, dtype, device)
+        if self.offloaded:  # accelerate loads the master for each forward: keep no packed copy between them
+            with torch.no_grad():
+                return kernels.pack_checked(self.master(), self.weight_scale, self.master_bits, self._bits,
+                                            self.group_size, dtype, device, "dequant")
         p = self._cache.get(key)
         if p is not None:
             self._cache.move_to_end(key)
@@ -178,11 +183,10 @@ class SwitchableLinear(nn.Module):
             self._cache.popitem(last=False)
         return p
 
-    _cached_weight = packed  # older name, used by benchmarks/bench_ptq.py
 
     def prepare(self) -> kernels.Packed | None:
         """Pack the active width for the activation dtype/device last seen in forward (no-op before any forward)."""
-        if self.trainable or self._act is None:
+        if self._act is None or self.trainable or self.offloaded:
             return None
         return self.packed(*self._act)
 
@@ -190,25 +194,38 @@ class SwitchableLinear(nn.Module):
     def to_trainable(self) -> "SwitchableLinear":
         """Switch to training mode: latent float weight ``= q_h * s_h`` (exact master value), learnable scale."""
         if not self.trainable:
-            w = core.dequantize(self.master(), self.weight_scale, self.master_bits, self.master_bits, self.group_size)
-            self.weight = nn.Parameter(w.to(self.weight_scale.device))
-            self.weight_master = None
-            self.weight_scale.requires_grad_(True)
-            self.invalidate_cache()
+            self._install_trainable(self._latent())
         return self
 
     def freeze(self) -> "SwitchableLinear":
         """Round the latent weight into the integer master with the learned scale; drop the float copy."""
         if self.trainable:
-            with torch.no_grad():
-                if not torch.isfinite(self.weight).all() or not torch.isfinite(self.weight_scale).all():
-                    raise ValueError("cannot freeze: NaN or inf in the latent weight or scale")
-                self.weight_scale.data.clamp_(min=torch.finfo(torch.float32).tiny)
-                q = core.quantize_master(self.weight, self.weight_scale, self.master_bits, self.group_size)
-            self.weight = None
-            self.weight_scale.requires_grad_(False)
-            self.set_master(q)
+            self._install_frozen(*self._rounded())
         return self
+
+    # to_trainable / freeze in two halves, so that convert_all can compute every layer before changing any
+    def _latent(self) -> torch.Tensor:
+        w = core.dequantize(self.master(), self.weight_scale, self.master_bits, self.master_bits, self.group_size)
+        return w.to(self.weight_scale.device)
+
+    def _install_trainable(self, w: torch.Tensor) -> None:
+        self.weight = nn.Parameter(w)
+        self.weight_master = None
+        self.weight_scale.requires_grad_(True)
+        self.invalidate_cache()
+
+    def _rounded(self, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            if not torch.isfinite(self.weight).all() or not torch.isfinite(self.weight_scale).all():
+                raise ValueError(f"cannot freeze {name or 'layer'}: NaN or inf in the latent weight or scale")
+            scale = self.weight_scale.detach().clamp(min=torch.finfo(torch.float32).tiny)
+            return core.quantize_master(self.weight, scale, self.master_bits, self.group_size), scale
+
+    def _install_frozen(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.weight = None
+        self.weight_scale.data = scale
+        self.weight_scale.requires_grad_(False)
+        self.set_master(q)
 
     def __getstate__(self):
         # packed weights hold kernel closures (not picklable) and are rebuilt on demand: never pickle the cache
@@ -229,7 +246,12 @@ class SwitchableLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.trainable:
             self._act = (x.dtype, x.device)
-            return self.packed(x.dtype, x.device)(x, self.bias)
+            p = self.packed(x.dtype, x.device)
+            if p.kernel != "dequant" and x.requires_grad and torch.is_grad_enabled():
+                # the integer kernels have no backward; adapters (LoRA) upstream of a frozen layer need d(out)/dx
+                bias = None if self.bias is None else self.bias.to(x.dtype)
+                return F.linear(x, self.derived_weight(self._bits, dtype=x.dtype), bias)
+            return p(x, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.derived_weight(self._bits, dtype=x.dtype), bias)
 
@@ -238,3 +260,16 @@ class SwitchableLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"master_bits={self.master_bits}, bits={self.bits}, candidates={list(self.candidate_bits)}, "
                 f"group_size={self.group_size}, kernel={self._kernel}, {mode}")
+
+
+def convert_all(layers: dict[str, SwitchableLinear], trainable: bool) -> None:
+    """Every layer of ``layers`` to training mode (``trainable=True``) or frozen, or none of them: each layer's new
+    tensors are computed first (a NaN/inf latent weight is refused, naming the layer), then installed."""
+    if trainable:
+        staged = {n: m._latent() for n, m in layers.items() if not m.trainable}
+        for n, w in staged.items():
+            layers[n]._install_trainable(w)
+    else:
+        staged = {n: m._rounded(n) for n, m in layers.items() if m.trainable}
+        for n, (q, scale) in staged.items():
+            layers[n]._install_frozen(q, scale)

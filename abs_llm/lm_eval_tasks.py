@@ -127,18 +127,12 @@ def lm_eval_bits(model, tokenizer, bits_list, tasks, limit=None, text_file=None,
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from .switching import set_bits, switchable_layers
+    from .switching import check_bits, set_bits
 
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks:
         raise ValueError("no lm-eval task given")
-    layers = switchable_layers(model)
-    if not layers:
-        raise ValueError("model has no SwitchableLinear layers; load a double_rounding checkpoint")
-    cands = next(iter(layers.values())).candidate_bits
-    bad = [b for b in bits_list if b not in cands]
-    if bad:
-        raise ValueError(f"bits {bad} not in this checkpoint's candidate bits {sorted(cands)}")
+    bits_list = check_bits(model, list(bits_list))
     if include_defaults is None:
         include_defaults = any(t != LOCAL_TASK for t in tasks)
     with tempfile.TemporaryDirectory(prefix="abs_llm_tasks_") as tmp:
@@ -159,13 +153,15 @@ def lm_eval_bits(model, tokenizer, bits_list, tasks, limit=None, text_file=None,
 
 def format_lm_eval_table(rows: list[dict]) -> str:
     """One Markdown table: a row per (task, metric), a column per bit-width."""
+    from .evaluation import markdown_table
+
     bits = sorted({r["bits"] for r in rows}, reverse=True)
-    lines = ["| task | metric | " + " | ".join(f"{b}-bit" for b in bits) + " |", "|---|---|" + "---|" * len(bits)]
     keys = []
     for r in rows:
         keys += [(r["task"], m) for m in r if m not in ("bits", "task") and (r["task"], m) not in keys]
+    table = []
     for task, metric in keys:
         vals = {r["bits"]: r.get(metric) for r in rows if r["task"] == task}
-        cells = ["" if vals.get(b) is None or math.isnan(vals[b]) else f"{vals[b]:.4g}" for b in bits]
-        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append([task, metric] + ["" if vals.get(b) is None or math.isnan(vals[b]) else f"{vals[b]:.4g}"
+                                        for b in bits])
+    return markdown_table(["task", "metric"] + [f"{b}-bit" for b in bits], table)

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import yaml
 
+from .results import DEFAULT_EVAL_CHUNKS
+
 logger = logging.getLogger(__name__)
 
 TOP_KEYS = {"model", "output_dir", "data", "quant", "multibit", "train"}
@@ -96,8 +98,13 @@ def load_texts(data: dict) -> list[str]:
             kind = "json" if p.suffix in (".json", ".jsonl") else "text"
             try:
                 ds = datasets.load_dataset(kind, data_files=str(p), split="train")
-            except Exception as e:  # datasets' parse errors do not name the file
-                raise ValueError(f"cannot read dataset {source} as {kind}: {e}") from None
+            except (datasets.exceptions.DatasetsError, ValueError, OSError) as e:
+                # datasets says only "An error occurred while generating the dataset": name the file and the cause
+                root = e
+                while root.__cause__ is not None or root.__context__ is not None:
+                    root = root.__cause__ or root.__context__
+                cause = f" ({type(root).__name__}: {root})" if root is not e else ""
+                raise ValueError(f"cannot read dataset {source} as {kind}: {e}{cause}") from e
         else:
             ds = datasets.load_dataset(source, data.get("config"), split=data.get("split", "train"))
         if field not in ds.column_names:
@@ -132,17 +139,16 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int):
 
 
 # ---- run ----------------------------------------------------------------------------------------------------------
-def build_trainer(recipe: dict):
+def build_trainer(recipe: dict, tokenizer=None):
     """Model, teacher, data and ``MultiBitTrainer`` for a validated recipe (nothing trained yet)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator
+    from transformers import AutoModelForCausalLM, TrainingArguments, default_data_collator
 
     from .config import DoubleRoundingConfig
     from .hf_quantizer import quantize
     from .training import MultiBitConfig, MultiBitTrainer
 
-    qcfg = DoubleRoundingConfig(**{"candidate_bits": [8, 6, 4, 3, 2], "group_size": 64, **recipe["quant"]})
-    qcfg.bits = max(qcfg.candidate_bits)
+    qcfg = DoubleRoundingConfig(**recipe["quant"])  # trains from the highest candidate; defaults live in core
     mb_fields = dict(recipe["multibit"])
     if "bit_weights" in mb_fields and mb_fields["bit_weights"]:
         mb_fields["bit_weights"] = {int(k): float(v) for k, v in mb_fields["bit_weights"].items()}
@@ -164,7 +170,9 @@ def build_trainer(recipe: dict):
         from .data import default_model_path
 
         path = default_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
+    from .lineage import source_tokenizer
+
+    tok = source_tokenizer(path, tokenizer)
     data = recipe["data"]
     train_ds = pack_blocks(tok, load_texts(data), data.get("block_size", 256))  # data errors before the model loads
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -200,10 +208,12 @@ def last_checkpoint(output_dir: str) -> str | None:
     return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
 
 
-def train(recipe_path, max_steps=None, output_dir=None, resume: bool | str = True):
-    """Run a recipe end to end. ``resume=True`` continues from the newest ``checkpoint-*`` in the output dir."""
+def train(recipe_path, max_steps=None, output_dir=None, resume: bool | str = True, tokenizer=None,
+          evaluate: bool = True, eval_chunks: int | None = DEFAULT_EVAL_CHUNKS):
+    """Run a recipe end to end. ``resume=True`` continues from the newest ``checkpoint-*`` in the output dir. The final
+    checkpoint gets its own ``eval_results.json`` (PPL at every width) unless ``evaluate`` is False."""
     recipe = load_recipe(recipe_path, max_steps, output_dir)
-    trainer = build_trainer(recipe)
+    trainer = build_trainer(recipe, tokenizer)
     ckpt = resume if isinstance(resume, str) else (last_checkpoint(recipe["output_dir"]) if resume else None)
     if ckpt:
         logger.warning("resuming from %s", ckpt)
@@ -213,6 +223,11 @@ def train(recipe_path, max_steps=None, output_dir=None, resume: bool | str = Tru
     if trainer.args.should_save:
         Path(out, "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         plot_losses(trainer.state.log_history, Path(out, "loss_per_bits.png"))
+        if evaluate:
+            from .results import evaluate_and_store
+
+            evaluate_and_store(out, trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class,
+                               eval_chunks)
     return trainer
 
 

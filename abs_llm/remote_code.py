@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .checkpoint import GUARD_META_KEY  # noqa: F401  (re-exported: the guard is part of the format)
+
 REMOTE_MODULE = "modeling_abs_llm"
 REMOTE_CLASS = "AbsLlmForCausalLM"
 AUTO_MAP = {"AutoModelForCausalLM": f"{REMOTE_MODULE}.{REMOTE_CLASS}"}
-GUARD_META_KEY = "abs_llm.load_guard"
 
 # Kept tiny and dependency-free apart from abs_llm: it is executed by transformers from the checkpoint folder.
 REMOTE_SOURCE = '''"""Loader shim for abs_llm Double Rounding switchable checkpoints (written by abs_llm; safe to read).

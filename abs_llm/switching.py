@@ -1,19 +1,37 @@
-"""Run-time bit switching: whole model or per layer."""
+"""Run-time bit switching, whole model or per layer, and the one answer to "which bits may this model/layer take"."""
 
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
 
 from . import kernels
 from .layers import SwitchableLinear
 
 
+_TREE_VERSION = [0]  # bumped whenever any module is registered anywhere (setattr of a Module, add_module, ...)
+
+
+def _tree_changed(module, name, submodule):
+    _TREE_VERSION[0] += 1
+
+
+register_module_module_registration_hook(_tree_changed)
+
+
 def switchable_layers(model: nn.Module) -> dict[str, SwitchableLinear]:
-    """``{module_name: SwitchableLinear}`` in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, SwitchableLinear)}
+    """``{module_name: SwitchableLinear}`` in module order. Memoised on the model until a module is registered
+    anywhere: walking ``named_modules`` costs more than switching 56 cached layers (issue 12's ping-pong target)."""
+    memo = model.__dict__.get("_abs_llm_layers")
+    if memo is not None and memo[0] == _TREE_VERSION[0]:
+        return dict(memo[1])
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, SwitchableLinear)}
+    model.__dict__["_abs_llm_layers"] = (_TREE_VERSION[0], layers)
+    return dict(layers)
 
 
-def _require_layers(model: nn.Module) -> dict[str, SwitchableLinear]:
+def require_layers(model: nn.Module) -> dict[str, SwitchableLinear]:
+    """:func:`switchable_layers`, refusing a model that has none (a float model passed where a quantized one belongs)."""
     layers = switchable_layers(model)
     if not layers:
         raise ValueError(
@@ -21,6 +39,31 @@ def _require_layers(model: nn.Module) -> dict[str, SwitchableLinear]:
             " or from_pretrained(..., quantization_config=DoubleRoundingConfig())"
         )
     return layers
+
+
+def allowed_bits(target: nn.Module) -> tuple[int, ...]:
+    """Bit-widths ``target`` may switch to, highest first: a SwitchableLinear's candidates, or for a model the widths
+    every one of its switchable layers shares."""
+    if isinstance(target, SwitchableLinear):
+        return target.candidate_bits
+    common = set.intersection(*(set(m.candidate_bits) for m in require_layers(target).values()))
+    return tuple(sorted(common, reverse=True))
+
+
+def _is_int(b) -> bool:
+    return isinstance(b, int) and not isinstance(b, bool)
+
+
+def check_bits(target: nn.Module, bits, what: str = "bits", where: str = ""):
+    """``bits`` (an int, or a list of ints) unchanged if every entry is an allowed width of ``target`` (see
+    :func:`allowed_bits`); else a ``ValueError`` naming the offending value and the allowed widths."""
+    allowed = allowed_bits(target)
+    many = isinstance(bits, (list, tuple))
+    bad = [b for b in (bits if many else [bits]) if not _is_int(b) or b not in allowed]
+    if bad or (many and not bits):
+        shown = bits if many else bad[0]
+        raise ValueError(f"{what}={shown!r}{where} is not a candidate bit-width; allowed {sorted(allowed)}")
+    return list(bits) if many else bits
 
 
 def set_bits(model: nn.Module, bits: int | dict[str, int], kernel: str | None = None, prepare: bool = True) -> nn.Module:
@@ -33,7 +76,7 @@ def set_bits(model: nn.Module, bits: int | dict[str, int], kernel: str | None = 
     the model as it was. The choice is mirrored into ``model.config.quantization_config`` so that ``save_pretrained``
     records it.
     """
-    layers = _require_layers(model)
+    layers = require_layers(model)
     if kernel is not None:
         kernels.check_kernel(kernel)
     if isinstance(bits, dict):
@@ -45,26 +88,33 @@ def set_bits(model: nn.Module, bits: int | dict[str, int], kernel: str | None = 
                 f" such as {sample} (see abs_llm.get_bits(model) for all {len(layers)})"
             )
         plan = dict(bits)
+        for name, b in plan.items():
+            check_bits(layers[name], b, where=f" for {name}")
     else:
+        check_bits(model, bits)
         plan = {n: bits for n in layers}
-    for name, b in plan.items():
-        allowed = layers[name].candidate_bits
-        if isinstance(b, bool) or not isinstance(b, int) or b not in allowed:
-            raise ValueError(f"bits={b!r} for {name} is not a candidate bit-width; allowed {sorted(allowed)}")
-    if kernel is not None:
-        for layer in layers.values():
-            layer.kernel = kernel
-    for name, b in plan.items():
-        layers[name].bits = b
-        if prepare:
-            layers[name].prepare()
+    before = {n: (m.bits, m.kernel) for n, m in layers.items()}
+    set_one = SwitchableLinear.bits.fset  # the property setter (validates) without nn.Module.__setattr__'s checks
+    try:
+        if kernel is not None:
+            for layer in layers.values():
+                layer.kernel = kernel
+        for name, b in plan.items():
+            set_one(layers[name], b)
+            if prepare:
+                layers[name].prepare()  # may run out of memory half-way: then every layer goes back
+    except BaseException:
+        for name, (b, k) in before.items():
+            set_one(layers[name], b)
+            layers[name].kernel = k
+        raise
     _sync_config(model, layers, kernel)
     return model
 
 
 def get_bits(model: nn.Module) -> int | dict[str, int]:
     """The common bit-width when all layers agree, else ``{module_name: bits}``."""
-    per_layer = {n: m.bits for n, m in _require_layers(model).items()}
+    per_layer = {n: m.bits for n, m in require_layers(model).items()}
     values = set(per_layer.values())
     return values.pop() if len(values) == 1 else per_layer
 
@@ -83,6 +133,11 @@ def _sync_config(model: nn.Module, layers: dict[str, SwitchableLinear], kernel: 
     qcfg.layer_bits = {n: m.bits for n, m in layers.items() if m.bits != common} or None
 
 
+def packed_weight_bytes(n_weights: int, bits: int) -> int:
+    """Bytes of ``n_weights`` integers packed at ``bits`` (rounded up to a whole byte)."""
+    return -(-n_weights * bits // 8)
+
+
 def model_bytes(model: nn.Module, bits: int | None = None) -> int:
     """Bytes of the model's tensors if every SwitchableLinear were stored packed at ``bits`` (default: the active
     bits of each layer) with its float32 scales; every other parameter/buffer counted at its own dtype. This is the
@@ -91,7 +146,7 @@ def model_bytes(model: nn.Module, bits: int | None = None) -> int:
     total = 0
     for m in layers.values():
         b = m.bits if bits is None else bits
-        total += -(-m.out_features * m.in_features * b // 8) + m.weight_scale.numel() * 4
+        total += packed_weight_bytes(m.out_features * m.in_features, b) + m.weight_scale.numel() * 4
     seen: set[int] = set()
     for name, t in model.state_dict(keep_vars=True).items():
         owner = name.rpartition(".")[0]

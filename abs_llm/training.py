@@ -3,7 +3,7 @@
 One optimisation step = one batch, run forward/backward once per bit-width of ``MultiBitConfig.bits`` (in that order),
 all bit-widths sharing the latent float weights and the scales of every ``SwitchableLinear``.
 
-Per-precision learning rate of the scales (ALRS, DESIGN.md). A scale tensor is shared by every bit-width, so "the
+Per-precision learning rate of the scales (ALRS, docs/architecture.md). A scale tensor is shared by every bit-width, so "the
 scale LR of precision b" can only mean "the update that precision b's gradient causes is scaled by eta_b":
 
 - ``step_per_bit=True`` (the paper): the optimiser steps after every bit-width's backward, and during bit b's step
@@ -25,98 +25,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
 from .core import alrs_multiplier
+from .hasb import HASBSampler, attach_traces, load_traces
+from .layers import convert_all
+from .multibit import KD_MODES, MultiBitConfig, kd_kl, lm_loss, validate  # noqa: F401  (public here too)
 from .switching import set_bits, switchable_layers
 
 logger = logging.getLogger(__name__)
 
-KD_MODES = ("teacher", "inplace", "none")
 SCALE_GROUP = "abs_llm_scales"
-
-
-@dataclass
-class MultiBitConfig:
-    """What a joint multi-bit step does.
-
-    bits: bit-widths trained every step, in this order (None: every candidate, highest first).
-    bit_weights: ``{bits: weight}`` multiplying each bit-width's loss (missing bits weigh 1).
-    step_per_bit: step the optimiser after each bit-width's backward (paper Alg. A.2) instead of once per batch.
-    alrs: per-precision scale learning rate ``scale_lr * alrs_multiplier(master_bits, b)``; False: ``scale_lr`` for all.
-    scale_lr: base learning rate of the scales (None: the weights' ``learning_rate``).
-    grad_adaptive: the paper's optional gradient-adaptive term (see ``_grad_adaptive``).
-    kd: "teacher" (KL to the frozen float model), "inplace" (lower bits distill from the highest bit-width, which
-        itself distills from the teacher when one is given, else uses the LM loss) or "none" (LM loss only).
-    kd_alpha: loss = kd_alpha * KL + (1 - kd_alpha) * LM cross-entropy (1.0: pure distillation).
-    kd_temperature: softmax temperature of the KL (loss multiplied by T^2, as usual).
-    per_bit_scale_state: with ``step_per_bit``, a separate optimiser state (e.g. Adam moments) for the scales per
-        precision (see the module docstring); not saved in Trainer checkpoints (a resumed run restarts them).
-    hasb: per step and bit-width, resample layers' bit-widths with the HASB roulette sampler (mixed-precision supernet
-        training, ``abs_llm.hasb.HASBSampler``); layers not resampled train at the step's bit-width.
-    hasb_traces: ``{layer: tr(H_l)/n_l}``, or a path to a JSON file holding them (``{name: trace}`` or the
-        ``hasb.json`` of ``abs-llm search``); None: the traces stored in the model's quantization config.
-    hasb_sigma_schedule, hasb_sigma_min, hasb_sigma_max: resampling probability sigma over training progress.
-    hasb_seed: the maps are drawn from ``(hasb_seed, step, bit index)``, so resumed and DDP runs draw the same maps.
-    loss_norm: divide each bit-width's loss by a running mean of itself (detached), so every precision pushes the
-        shared weights by its *relative* improvement. Without it a 2-bit KL of ~10 nats drowns an 8-bit KL of ~1e-3
-        and the low bits drag the shared weights away from the high ones (issue 7's naive prototype).
-    """
-
-    bits: list[int] | None = None
-    bit_weights: dict[int, float] | None = None
-    step_per_bit: bool = False
-    alrs: bool = True
-    scale_lr: float | None = None
-    grad_adaptive: bool = False
-    grad_adaptive_clip: float = 1.0
-    kd: str = "teacher"
-    kd_alpha: float = 1.0
-    kd_temperature: float = 1.0
-    loss_norm: bool = False
-    per_bit_scale_state: bool = False
-    hasb: bool = False
-    hasb_traces: dict[str, float] | str | None = None
-    hasb_sigma_schedule: str = "linear"
-    hasb_sigma_min: float = 0.0
-    hasb_sigma_max: float = 1.0
-    hasb_seed: int = 0
-
-
-def load_traces(source) -> dict[str, float]:
-    """HASB traces from a dict or a JSON file (``{name: trace}`` or a ``hasb.json`` with a ``traces`` key)."""
-    if isinstance(source, (str, os.PathLike)):
-        try:
-            with open(source) as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read HASB traces from {source}: {e}") from None
-        source = data.get("traces", data) if isinstance(data, dict) else data
-    if not isinstance(source, dict) or not source:
-        raise ValueError("HASB traces must be a non-empty {layer: trace} dict; estimate them with "
-                         "abs_llm.hasb.hessian_traces or `abs-llm search`")
-    return source
-
-
-def kd_kl(student_logits, target_logits, mask, temperature: float = 1.0) -> torch.Tensor:
-    """``T^2 * KL(softmax(target/T) || softmax(student/T))`` averaged over the positions where ``mask`` is true."""
-    t = temperature
-    logp = F.log_softmax(student_logits.float() / t, dim=-1)
-    logq = F.log_softmax(target_logits.float() / t, dim=-1)
-    kl = (logq.exp() * (logq - logp)).sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1) * t * t
-
-
-def lm_loss(logits, labels) -> torch.Tensor:
-    """Next-token cross-entropy: position t predicts ``labels[t+1]``; -100 is ignored."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 class MultiBitTrainer(Trainer):
@@ -129,16 +52,23 @@ class MultiBitTrainer(Trainer):
     def __init__(self, model=None, args=None, *, multibit: MultiBitConfig | None = None, teacher: nn.Module | None = None,
                  **kwargs):
         self.mb = multibit or MultiBitConfig()
-        self.layers = self._validate(model, args, self.mb, teacher, kwargs.get("train_dataset"))
+        self.layers = validate(model, args, self.mb, teacher, kwargs.get("train_dataset"))
         first = next(iter(self.layers.values()))
         self.master_bits = first.master_bits
         self.bits_order = list(self.mb.bits or first.candidate_bits)
         self.bit_weights = {b: float((self.mb.bit_weights or {}).get(b, 1.0)) for b in self.bits_order}
+        traces = self._hasb_traces(model) if self.mb.hasb else None
+        self.hasb = None if traces is None else HASBSampler(
+            model, traces, candidate_bits=self.bits_order, sigma_schedule=self.mb.hasb_sigma_schedule,
+            seed=self.mb.hasb_seed, sigma_min=self.mb.hasb_sigma_min, sigma_max=self.mb.hasb_sigma_max)
+        super().__init__(model=model, args=args, **kwargs)
+        # Every check has passed: only now is the model changed (a refused trainer leaves it as it was).
+        convert_all(self.layers, trainable=True)  # a frozen (pre-quantized) model starts QAT from its master
+        if traces is not None:
+            attach_traces(model, traces)  # the final checkpoint records the sensitivities the supernet trained with
         self.teacher = teacher
         if teacher is not None:
             teacher.eval().requires_grad_(False)
-        self.hasb = self._hasb_sampler(model) if self.mb.hasb else None
-        super().__init__(model=model, args=args, **kwargs)
         self._scale_mult = 1.0
         self._bit_loss = {b: [0.0, 0] for b in self.bits_order}
         self._loss_ema: dict[int, float] = {}  # loss_norm's running means (not checkpointed: re-seeded on resume)
@@ -148,66 +78,18 @@ class MultiBitTrainer(Trainer):
         for layer in self.layers.values():  # why a hook: see "accumulate" in the module docstring
             layer.weight_scale.register_hook(lambda g: g * self._scale_mult if self._scale_mult != 1.0 else g)
 
-    # ---- validation ---------------------------------------------------------------------------------------------
-    @staticmethod
-    def _validate(model, args, mb: MultiBitConfig, teacher, train_dataset) -> dict:
-        if model is None:
-            raise ValueError("MultiBitTrainer needs a model")
-        layers = switchable_layers(model)
-        if not layers:
-            raise ValueError("model has no SwitchableLinear layers; quantize it first with "
-                             "abs_llm.quantize(model, DoubleRoundingConfig(...), trainable=True)")
-        for layer in layers.values():
-            layer.to_trainable()  # a frozen (pre-quantized) model starts QAT from its master
-        cands = set.intersection(*(set(m.candidate_bits) for m in layers.values()))
-        bits = list(mb.bits) if mb.bits is not None else sorted(cands, reverse=True)
-        bad = [b for b in bits if isinstance(b, bool) or b not in cands]
-        if not bits or bad or len(set(bits)) != len(bits):
-            raise ValueError(f"bits {bits} must be distinct candidate bit-widths of the model; allowed {sorted(cands)}")
-        for b, w in (mb.bit_weights or {}).items():
-            if b not in bits:
-                raise ValueError(f"bit_weights has bits {b}, which is not trained (bits={bits})")
-            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
-                raise ValueError(f"bit_weights[{b}]={w!r} must be a finite number >= 0")
-        if all((mb.bit_weights or {}).get(b, 1.0) == 0 for b in bits):
-            raise ValueError("all bit_weights are 0: nothing would be trained")
-        if args is not None:
-            if not args.learning_rate > 0:
-                raise ValueError(f"learning_rate must be > 0, got {args.learning_rate}")
-            if mb.step_per_bit and args.gradient_accumulation_steps != 1:
-                raise ValueError("step_per_bit steps the optimiser inside each batch; use gradient_accumulation_steps=1")
-        if mb.per_bit_scale_state and not mb.step_per_bit:
-            raise ValueError("per_bit_scale_state needs step_per_bit=True (one optimiser step per bit-width)")
-        if mb.scale_lr is not None and not mb.scale_lr > 0:
-            raise ValueError(f"scale_lr must be > 0, got {mb.scale_lr}")
-        if mb.kd not in KD_MODES:
-            raise ValueError(f"kd must be one of {KD_MODES}, got {mb.kd!r}")
-        if mb.kd == "teacher" and teacher is None:
-            raise ValueError("kd='teacher' needs the frozen float model: MultiBitTrainer(..., teacher=float_model)")
-        if mb.kd == "inplace" and (bits[0] != max(bits) or (mb.bit_weights or {}).get(bits[0], 1.0) == 0):
-            raise ValueError(f"kd='inplace' distills from the highest bit-width: it must come first with a weight > 0;"
-                             f" got bits {bits}")
-        if not 0.0 <= mb.kd_alpha <= 1.0 or not mb.kd_temperature > 0:
-            raise ValueError("kd_alpha must be in [0, 1] and kd_temperature > 0")
-        if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
-            raise ValueError("the training dataset is empty")
-        return layers
-
-    def _hasb_sampler(self, model):
-        from .hasb import HASBSampler, attach_traces
-
+    def _hasb_traces(self, model) -> dict[str, float]:
         source = self.mb.hasb_traces
         if source is None:
             source = getattr(getattr(model.config, "quantization_config", None), "hessian_traces", None)
             if not source:
                 raise ValueError("hasb=True needs Hessian traces: pass multibit hasb_traces (a dict or a JSON file from "
                                  "`abs-llm search`), or quantize a model whose config stores them")
-        traces = load_traces(source)
-        sampler = HASBSampler(model, traces, candidate_bits=self.bits_order, sigma_schedule=self.mb.hasb_sigma_schedule,
-                              seed=self.mb.hasb_seed, sigma_min=self.mb.hasb_sigma_min,
-                              sigma_max=self.mb.hasb_sigma_max)
-        attach_traces(model, traces)  # the final checkpoint records the sensitivities the supernet was trained with
-        return sampler
+        qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
+        if qcfg is None or isinstance(qcfg, dict):  # checked here: attach_traces runs after the model has changed
+            raise ValueError("hasb=True records the traces in the model's DoubleRoundingConfig, and this model has none;"
+                             " quantize it with abs_llm.quantize or from_pretrained(..., quantization_config=...)")
+        return load_traces(source)
 
     # ---- optimiser ----------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -258,8 +140,8 @@ class MultiBitTrainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
 
     def _grad_adaptive(self) -> None:
-        """Gradient-adaptive term (off by default). DESIGN.md: "subtract the layer-mean of the clipped max-|grad| of the
-        scales". Our reading: per layer ``c_l = min(max|g_l|, clip)``; each layer's scale gradient is shrunk towards
+        """Gradient-adaptive term (off by default). The paper (docs/architecture.md): "subtract the layer-mean of the
+        clipped max-|grad| of the scales". Our reading: per layer ``c_l = min(max|g_l|, clip)``; each layer's scale gradient is shrunk towards
         zero by the mean ``c`` of the layers *relative to its own* ``c_l`` (``g_l * (1 - c / (c_l + c))``), so a layer
         whose scale gradient spikes above the others is damped most and no gradient changes sign."""
         grads = [m.weight_scale.grad for m in self.layers.values() if m.weight_scale.grad is not None]
@@ -383,8 +265,7 @@ class MultiBitTrainer(Trainer):
         Call once, after training: the model leaves training mode."""
         self.accelerator.wait_for_everyone()
         model = self.accelerator.unwrap_model(self.model)
-        for layer in switchable_layers(model).values():
-            layer.freeze()
+        convert_all(switchable_layers(model), trainable=False)  # all layers or none (a NaN names its layer)
         set_bits(model, max(self.bits_order))
         if self.args.should_save:
             model.save_pretrained(output_dir)

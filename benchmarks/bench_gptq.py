@@ -72,6 +72,7 @@ def main():
     ap.add_argument("--methods", default="rtn,gptq", help="comma list of rtn, gptq, perbit")
     ap.add_argument("--groups", default="64", help="comma list: 64, none, ...")
     ap.add_argument("--bits", default="8,6,4,3,2")
+    ap.add_argument("--perbit-bits", default=None, help="widths of the perbit method (default: --bits)")
     ap.add_argument("--options", default="{}", help="JSON dict of abs_llm.ptq.GPTQOptions fields")
     ap.add_argument("--calibration", default="lee", choices=["lee", "wiki", "lee+wiki"])
     ap.add_argument("--wiki-chunks", type=int, default=20)
@@ -122,13 +123,13 @@ def main():
                 per_width = {b: masters for b in bits}
             elif method == "perbit":
                 per_width = {}
-                for b in bits:
+                for b in [int(x) for x in (args.perbit_bits or args.bits).split(",")]:
                     cfg_b = SimpleNamespace(master_bits=b, candidate_bits=[b], group_size=g)
                     per_width[b] = gptq_masters(model, cfg_b, names, calib, tok, opts, progress=False)
             else:
                 raise ValueError(method)
             rec["seconds"]["quantize"] = time.perf_counter() - t
-            for b in bits:
+            for b in per_width:
                 mb = b if method == "perbit" else 8
                 set_weights({n: core.derived_weight(q, s, mb, b, g) for n, (q, s) in per_width[b].items()})
                 rec["ppl"][b] = ppl_all()

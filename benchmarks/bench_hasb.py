@@ -19,6 +19,7 @@ import json
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -26,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import abs_llm
 from abs_llm import DoubleRoundingConfig, hasb, set_bits
 from abs_llm.evaluation import perplexity
-from abs_llm.hasb_eval import calibration_batches, plot_sweep, sweep
+from abs_llm.hasb import calibration_batches, plot_sweep, sweep
 from abs_llm.switching import model_bytes
 
 
@@ -59,7 +60,7 @@ def main():
     model.eval()
     set_bits(model, 8)
     res["config"] = {"candidate_bits": cfg.candidate_bits, "group_size": cfg.group_size, "master_bits": 8}
-    batches = calibration_batches(tok, abs_llm.default_corpus("train")[:225], args.calib_seq, args.calib_batch,
+    batches = calibration_batches(tok, common.texts("train_fit"), args.calib_seq, args.calib_batch,
                                   args.calib_batches)
 
     hist: list[dict] = []
@@ -94,7 +95,7 @@ def main():
     print(json.dumps({k: res[k] for k in ("perturbation_seconds", "milp_seconds", "stability")}, indent=1), flush=True)
     save()
 
-    texts = abs_llm.default_corpus("train")[225:250] if args.split == "val" else abs_llm.default_corpus("eval")
+    texts = common.texts(args.split)
 
     def ppl():
         return perplexity(model, tok, texts, max_chunks=args.max_chunks, progress=False)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import cpu_name
 from transformers import AutoModelForCausalLM
 
 import abs_llm
@@ -27,16 +27,6 @@ from abs_llm.data import default_corpus, default_model_path
 from abs_llm.evaluation import perplexity
 
 BITS = [8, 6, 4, 3, 2]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _set_weights(model, originals, fn):
@@ -68,7 +58,7 @@ def main():
     def ppl():
         return perplexity(model, tok, texts, max_chunks=args.max_chunks, progress=False)
 
-    results = {"machine": _cpu_name(), "torch_threads": torch.get_num_threads(), "max_chunks": args.max_chunks,
+    results = {"machine": cpu_name(), "torch_threads": torch.get_num_threads(), "max_chunks": args.max_chunks,
                "fp32": ppl(), "ppl": {}}
     print(f"FP32 PPL {results['fp32']:.3f}")
     for g in groups:
@@ -119,7 +109,7 @@ def main():
             set_bits(m, dst)
             with torch.no_grad():
                 for layer in switchable_layers(m).values():
-                    layer._cached_weight(torch.float32, x.device)  # the derivation a forward would trigger
+                    layer.packed(torch.float32, x.device)  # the derivation a forward would trigger
             ts.append(time.perf_counter() - t)
         switch[f"{src}->{dst}"] = statistics.median(ts)
     results["switch_seconds_median"] = switch

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import ppl_per_width
 
 BITS = [8, 6, 4, 3, 2]
 BASE = {  # common to every variant; a variant overrides "multibit"/"train" keys
@@ -49,27 +50,10 @@ VARIANTS = {
 }
 
 
-def texts(split):
-    from abs_llm.data import default_corpus
-
-    return default_corpus("train")[225:250] if split == "val" else default_corpus("eval")
-
-
 def eval_model(model, tok, split, max_chunks, bits=BITS):
     if split == "both":  # validation for choosing, held-out for the final report, from one trained model
         return {f"{s}_{k}": v for s in ("val", "eval") for k, v in eval_model(model, tok, s, max_chunks, bits).items()}
-    from abs_llm import set_bits, switchable_layers
-    from abs_llm.evaluation import perplexity
-
-    model.eval()
-    out = {}
-    with torch.no_grad():
-        if not switchable_layers(model):
-            return {"fp": perplexity(model, tok, texts(split), seq_len=512, max_chunks=max_chunks)}
-        for b in bits:
-            set_bits(model, b)
-            out[f"w{b}"] = perplexity(model, tok, texts(split), seq_len=512, max_chunks=max_chunks)
-    return out
+    return ppl_per_width(model, tok, split, bits, max_chunks)
 
 
 def ptq(model, bits=BITS):
@@ -85,7 +69,9 @@ def recipe_for(variant, steps, out, hasb_traces=None):
         r["multibit"].update(hasb=True, hasb_traces=str(hasb_traces))
     r["train"]["max_steps"] = steps
     r["output_dir"] = out
-    from abs_llm.recipe import load_recipe  # validate through the same path as `abs-llm train`
+    from abs_llm.recipe import (
+        load_recipe,  # validate through the same path as `abs-llm train`
+    )
 
     p = Path(out).with_suffix(".yaml")
     p.parent.mkdir(parents=True, exist_ok=True)

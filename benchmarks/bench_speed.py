@@ -26,19 +26,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import cpu_name
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from abs_llm import DoubleRoundingConfig, quantize, set_bits, switchable_layers
 from abs_llm.layers import SwitchableLinear
 
 BITS = [8, 6, 4, 3, 2]
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:

@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM
 
 import abs_llm
 from abs_llm import DoubleRoundingConfig, set_bits
-from abs_llm.cli import main
 from abs_llm.export import export
 
 pytest.importorskip("compressed_tensors")
@@ -62,12 +61,3 @@ def test_export_refuses_bad_input(tiny_llama, qmodel, tmp_path):
     export(short, tmp_path / "d", 4, "hf-dense")  # dense has no group constraint
 
 
-def test_cli_export(qmodel, tmp_path, capsys):
-    qmodel.save_pretrained(tmp_path / "q")
-    assert main(["export", str(tmp_path / "q"), "--bits", "4", "--format", "compressed-tensors",
-                 "--out", str(tmp_path / "ct")]) == 0
-    assert (tmp_path / "ct" / "model.safetensors").is_file() and "compressed-tensors" in capsys.readouterr().out
-    assert main(["export", str(tmp_path / "q"), "--bits", "4", "--format", "onnx", "--out", str(tmp_path / "o")]) == 2
-    assert "unknown export format" in capsys.readouterr().err
-    assert main(["export", str(tmp_path / "q"), "--bits", "3", "--format", "hf-dense", "--out", str(tmp_path / "o")]) == 2
-    assert "not a candidate" in capsys.readouterr().err

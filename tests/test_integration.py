@@ -38,11 +38,15 @@ def test_cli_quantize_eval_and_refuse_overwrite(default, tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["candidate_bits"] == [8, 4] and cfg["group_size"] == 128
     assert (out / "tokenizer.json").exists()
+    src = json.loads((out / "config.json").read_text())["abs_llm_source"]  # lineage from the GGUF header
+    assert src["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and src["gguf"]["organization"] == "HuggingFaceTB"
+    stored = json.loads((out / "eval_results.json").read_text())["ppl"]["rows"]  # its own per-width evaluation
+    assert [r["bits"] for r in stored] == [8, 4] and stored[0]["ppl"] < stored[1]["ppl"]
     capsys.readouterr()
     assert cli(["eval", str(out), "--bits", "8,4", "--max-chunks", "1", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["bits"] for r in rows] == [8, 4] and rows[0]["ppl"] < rows[1]["ppl"]
-    with pytest.raises(SystemExit, match="not empty; pass --overwrite"):
-        cli(["quantize", "--out", str(out)])
-    with pytest.raises(SystemExit, match=r"bits \[6\] not in this checkpoint's candidate bits \[4, 8\]"):
-        cli(["eval", str(out), "--bits", "6"])
+    assert cli(["quantize", "--out", str(out)]) == 2
+    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    assert cli(["eval", str(out), "--bits", "6"]) == 2
+    assert "bits=[6] is not a candidate bit-width; allowed [4, 8]" in capsys.readouterr().err

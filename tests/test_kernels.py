@@ -48,6 +48,8 @@ SHAPES = [  # (out, in, group_size)
 def test_every_kernel_matches_dequant_reference(out_f, in_f, group_size, dtype):
     layer = make(out_f, in_f, group_size)
     for kernel in kernels.KERNELS:
+        if kernel == "triton":
+            continue  # interpreted on CPU: tests/test_triton_kernels.py covers it at smaller cost
         for bits in (8, 6, 5, 4, 3, 2):
             used = check(layer, bits, dtype, kernel)
             if kernel not in ("auto", "dequant") and used != kernel:
@@ -112,30 +114,6 @@ def test_ping_pong_is_cached_and_memory_is_capped():
     layer.bits = 2
     layer(x)
     assert list(layer._cache) == [(2, torch.bfloat16, torch.device("cpu"))]
-
-
-def test_set_bits_kernel_knob_packs_eagerly_and_validates():
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config()).eval()
-    quantize(model, DoubleRoundingConfig(group_size=None))
-    model(torch.zeros(1, 4, dtype=torch.long))  # layers learn their activation dtype
-    set_bits(model, 4, kernel="dequant")
-    layer = model.model.layers[0].mlp.up_proj
-    assert layer.kernel == "dequant" and [k[0] for k in layer._cache] == [4]  # packed in set_bits, not lazily
-    assert model.config.quantization_config.kernel == "dequant"
-    with pytest.raises(ValueError, match="kernel"):
-        set_bits(model, 8, kernel="magic")
-    assert layer.bits == 4 and layer.kernel == "dequant"
-
-
-def test_config_kernel_field_is_optional_and_serialisable():
-    assert "kernel" not in DoubleRoundingConfig().to_dict()  # default checkpoints look as before
-    cfg = DoubleRoundingConfig(kernel="dequant")
-    again = DoubleRoundingConfig.from_dict(cfg.to_dict())
-    assert again.kernel == "dequant"
-    assert DoubleRoundingConfig.from_dict({"quant_method": "double_rounding", "bits": 8}).kernel == "auto"
-    with pytest.raises(ValueError, match="kernel"):
-        DoubleRoundingConfig(kernel="fast")
 
 
 @pytest.mark.parametrize("group_size", [None, 64])

@@ -254,32 +254,3 @@ def test_options_object_and_validation():
     assert o.weights_for(BITS) == [2.0, 1.0, 1.0, 1.0, 0.0] and o.act_order is False
     with pytest.raises(ValueError, match="at least one positive"):
         GPTQOptions(bit_weights={b: 0 for b in BITS}).weights_for(BITS)
-
-
-# ---- CLI flags ---------------------------------------------------------------------------------------------------
-def test_cli_flags_become_quantize_arguments(tmp_path):
-    from abs_llm.cli import build_parser
-    from abs_llm.ptq.cli import quantize_kwargs
-
-    f = tmp_path / "calib.txt"
-    f.write_text("first document\n\nsecond document\n\nthird")
-    args = build_parser().parse_args(["quantize", "--out", "x", "--method", "gptq", "--calibration", str(f),
-                                      "--calib-docs", "2", "--calib-tokens", "1024", "--gptq-bit-weights", "8=0.1,2=0",
-                                      "--gptq-no-act-order"])
-    kw = quantize_kwargs(args)
-    assert kw["calibration"] == ["first document", "second document"]
-    assert kw["gptq_options"] == {"calib_tokens": 1024, "bit_weights": {8: 0.1, 2: 0.0}, "act_order": False}
-    assert quantize_kwargs(build_parser().parse_args(["quantize", "--out", "x"])) == {}
-    lee = quantize_kwargs(build_parser().parse_args(["quantize", "--out", "x", "--method", "gptq"]))
-    assert lee["calibration"] == abs_llm.default_corpus("train_fit")
-
-
-@pytest.mark.parametrize("argv, match", [
-    (["--calibration", "lee"], "only apply to --method gptq"),
-    (["--method", "gptq", "--calibration", "nosuchfile.txt"], "neither 'lee', 'wiki' nor an existing text file"),
-])
-def test_cli_bad_flags(argv, match, tmp_path, capsys):
-    from abs_llm.cli import main
-
-    assert main(["quantize", "--out", str(tmp_path / "o")] + argv) == 2
-    assert match in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Tests for the embedded corpora: the wikitext parser (abs_llm.wiki), the Wikipedia splits and the Lee splits."""
+"""The wikitext parser (abs_llm.wiki) and its by-article split; the corpus splits themselves are in test_data.py."""
 
 from __future__ import annotations
 
@@ -71,34 +71,3 @@ def test_split_articles_is_a_deterministic_partition():
     assert sorted(sum(parts.values(), [])) == items
     assert parts["validation"] == [k for k in items if k % 10 == 4] and parts["test"] == [k for k in items if k % 10 == 9]
     assert wiki.split_articles(items, "test") == parts["test"]
-
-
-def test_lee_splits_keep_the_old_meaning():
-    train, fit, val, ev = (abs_llm.default_corpus(s) for s in ("train", "train_fit", "validation", "eval"))
-    assert len(train) == 250 and len(ev) == 50
-    assert train[:225] == fit and train[225:] == val
-    assert abs_llm.default_corpus("test") == ev
-    assert abs_llm.default_corpus() == train
-
-
-@pytest.mark.parametrize("kwargs, match", [(dict(split="dev"), "Unknown split"), (dict(name="c4"), "Unknown corpus")])
-def test_bad_corpus_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        abs_llm.default_corpus(**kwargs)
-
-
-@pytest.mark.integration  # parses the embedded dump once per machine (~40 s on 2 cores), then reads the JSON cache
-def test_wiki_splits_on_the_embedded_dump():
-    parts = {s: abs_llm.default_corpus(s, name="wiki") for s in ("train", "validation", "test")}
-    assert abs_llm.default_corpus("eval", name="wiki") == parts["test"]
-    assert abs_llm.default_corpus("train_fit", name="wiki") == parts["train"]
-    assert all(parts.values())
-    assert sum(map(len, parts.values())) == 106  # 206 pages - 100 redirects (one outside the main namespace)
-    seen = set()
-    for docs in parts.values():
-        assert not seen & set(docs)
-        seen |= set(docs)
-        for d in docs:
-            assert len(d) >= wiki.MIN_CHARS
-            assert not MARKUP.search(d), MARKUP.search(d)
-    assert parts["test"] == abs_llm.default_corpus("test", name="wiki")  # deterministic (and cached) on reload

@@ -1,5 +1,6 @@
 """Weight-only integer matmuls for SwitchableLinear: :mod:`.dispatch` chooses a kernel per (bits, group size, device,
-activation dtype) and packs the derived weight for it; :mod:`.cpu` and :mod:`.cuda` hold the backends.
+activation dtype) and packs the derived weight for it; :mod:`.cpu` and :mod:`.cuda` hold the stock-PyTorch backends,
+``triton_*`` the Triton kernels (imported only when used; :mod:`.layouts` describes their packed bit-planes).
 See docs/architecture.md ("Kernels") for the table of kernels and the traps they guard against."""
 
 from .common import Packed, lookup

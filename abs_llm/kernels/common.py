@@ -1,15 +1,12 @@
-"""What every kernel backend shares: the packed-weight record, the activation reshaping, the derivation lookup table
-and the once-only log line."""
+"""What every kernel backend shares: the packed-weight record, the activation reshaping, the integer derivation
+(``lookup``) and the once-only log line."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
-
-from .. import core
 
 logger = logging.getLogger("abs_llm.kernels")
 _said: set[str] = set()
@@ -47,23 +44,26 @@ def flat(fn):
     return call
 
 
-@lru_cache(maxsize=None)
-def _table(master_bits: int, bits: int, part: str, dtype, device=None) -> torch.Tensor:
-    """256-entry lookup: master byte (as uint8) -> packed integer. Switching cost is dominated by this derivation, and a
-    gather from a 256-entry table is ~5x faster than the float round-trip of :func:`core.derive` (same values)."""
-    u = torch.arange(256)
-    lo, hi = core.qrange(master_bits)
-    q = core.derive(torch.where(u >= 128, u - 256, u).clamp(lo, hi).view(1, -1), master_bits, bits).view(-1).long()
-    d = master_bits - bits
-    out = {"int8": q * 2**d, "nib": q + 8, "hi": torch.div(q, 16, rounding_mode="floor") + 8,
-           "lo": q - 16 * torch.div(q, 16, rounding_mode="floor")}[part]
-    return out.to(dtype=dtype, device=device)
-
-
 def lookup(q_master: torch.Tensor, master_bits: int, bits: int, part: str, dtype, out=None) -> torch.Tensor:
-    """Derive through the table, on the master's own device: ``"int8"`` = ``q_l * 2^d``, ``"nib"`` = ``q_l + 8``,
-    ``"hi"``/``"lo"`` = the two nibbles of ``q_l = 16 * (hi - 8) + lo``."""
-    idx = q_master.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
-    table = _table(master_bits, bits, part, dtype, q_master.device if q_master.device.type != "cpu" else None)
-    res = torch.index_select(table, 0, idx, out=None if out is None else out.view(-1))
-    return res.view(q_master.shape)
+    """Derive on the master's own device, in integer arithmetic (:func:`.layouts.derive_int`, bit-exact with
+    :func:`core.derive`): ``"int8"`` = ``q_l * 2^d``, ``"nib"`` = ``q_l + 8``, ``"hi"``/``"lo"`` = the two nibbles of
+    ``q_l = 16 * (hi - 8) + lo``. (It was a 256-entry table gather; the gather and its int32 index cost ~35 copies of
+    the master on CPU, the integer ops ~6.)"""
+    from .layouts import derive_int
+
+    q = derive_int(q_master, master_bits, bits, scaled=part == "int8")
+    if q.data_ptr() == q_master.data_ptr():  # d == 0 returns the master itself; the ops below work in place
+        q = q.clone()
+    if part == "int8":
+        res = q
+    elif part == "nib":
+        res = q.add_(8)
+    elif part == "hi":
+        res = q.bitwise_right_shift_(4).add_(8)
+    elif part == "lo":
+        res = q.bitwise_and_(15)
+    else:
+        raise ValueError(f"unknown lookup part {part!r}")
+    if out is not None:
+        return out.copy_(res.view(out.dtype) if out.dtype == torch.uint8 else res)
+    return res.view(torch.uint8) if dtype == torch.uint8 else res.to(dtype)  # nib/hi/lo are >= 0: a view is exact

@@ -17,7 +17,7 @@ from .common import Packed, say_once
 from .cpu import INT4_GROUPS, int4_group, pack_int4, pack_int8
 from .cuda import pack_cuda_int4, pack_cuda_int8
 
-KERNELS = ("auto", "dequant", "int8pack", "int4pack", "int4x2", "cuda_int4", "cuda_int8")
+KERNELS = ("auto", "dequant", "int8pack", "int4pack", "int4x2", "cuda_int4", "cuda_int8", "triton")
 
 
 def check_kernel(kernel) -> str:
@@ -31,6 +31,10 @@ def requirements(kernel, out_f, in_f, bits, group_size, dtype, device) -> str | 
     cuda = device.type == "cuda"
     if kernel == "dequant":
         return None
+    if kernel == "triton":  # Triton kernels (triton_*.py): every width, both scale kinds, bf16/fp16, CUDA
+        from .triton_base import requirements as triton_requirements  # imports no kernel (see triton_base)
+
+        return triton_requirements(out_f, in_f, bits, group_size, dtype, device)
     if kernel.startswith("cuda_") != cuda:
         return f"{kernel} needs a {'CUDA' if kernel.startswith('cuda_') else 'CPU'} tensor, got {device.type}"
     if kernel in ("int8pack", "cuda_int8"):
@@ -78,7 +82,9 @@ def choose(out_f, in_f, bits, group_size, dtype, device, kernel="auto") -> str:
                  logging.WARNING)
         return "dequant"
     if device.type == "cuda":
-        order = ("cuda_int4", "cuda_int8")
+        # not cuda_int4/cuda_int8 (aten tinygemm): measured slower than bf16 F.linear at M >= 16 (int4) and at every M
+        # (int8) on an H200 (issue 12); they stay available by name
+        order = ("triton",)
     elif dtype != torch.bfloat16:
         # fp32: the integer kernels have no fast fp32 path on CPU (measured 5-25x slower than F.linear)
         say_once(f"abs_llm kernels: {dtype} activations on CPU run dequant + F.linear; int kernels are fast only in bf16")
@@ -113,11 +119,16 @@ def pack(q_master, scale, master_bits, bits, group_size, dtype, device, kernel) 
         return pack_cuda_int8(q_master, scale, master_bits, bits, dtype, device)
     if kernel == "cuda_int4":
         return pack_cuda_int4(q_master, scale, master_bits, bits, group_size, dtype, device)
+    if kernel == "triton":  # checks itself once per (width, scales, dtype, shape): a switch must not pay a matmul
+        from .triton_linear import pack_triton
+
+        return pack_triton(q_master, scale, master_bits, bits, group_size, dtype, device)
     raise ValueError(f"no packer for kernel {kernel!r}")
 
 
 def pack_checked(q_master, scale, master_bits, bits, group_size, dtype, device, kernel) -> Packed:
-    """:func:`pack`, falling back to ``dequant`` if packing raises; CUDA packs are also checked against dequant."""
+    """:func:`pack`, falling back to ``dequant`` if packing raises; CUDA packs are also checked against dequant
+    (the ``triton`` kernel inside :func:`pack`, once per width and shape)."""
     try:
         p = pack(q_master, scale, master_bits, bits, group_size, dtype, device, kernel)
         if kernel.startswith("cuda_"):
@@ -127,7 +138,7 @@ def pack_checked(q_master, scale, master_bits, bits, group_size, dtype, device, 
             if not torch.allclose(got, want, rtol=3e-2, atol=3e-2 * float(want.abs().max()) + 1e-6):
                 raise RuntimeError("self-check against dequant failed")
         return p
-    except Exception as e:  # a kernel problem must never take the model down
-        say_once(f"abs_llm kernels: {kernel} failed for {tuple(q_master.shape)} at {bits} bits ({e}); using dequant",
-                 logging.WARNING)
+    except Exception as e:  # a kernel problem must never take the model down; the WARNING carries the real error
+        say_once(f"abs_llm kernels: {kernel} failed for {tuple(q_master.shape)} at {bits} bits ({type(e).__name__}: "
+                 f"{e}); using dequant", logging.WARNING)
         return pack(q_master, scale, master_bits, bits, group_size, dtype, device, "dequant")

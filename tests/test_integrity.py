@@ -44,7 +44,7 @@ def ckpt(tmp_path):
 
 
 def _flip_byte(path: Path, tensor: str):
-    with safe_open(path, "pt") as f:
+    with safe_open(path, "pt"):
         pass
     n = struct.unpack("<Q", path.read_bytes()[:8])[0]
     header = json.loads(path.read_bytes()[8:8 + n])

@@ -3,12 +3,10 @@
 import math
 
 import pytest
-import torch
 import yaml
 
 import abs_llm
 from abs_llm import DoubleRoundingConfig
-from abs_llm.cli import main
 from abs_llm.lm_eval_tasks import LOCAL_TASK, format_lm_eval_table, lm_eval_bits, write_local_task
 
 pytest.importorskip("lm_eval")
@@ -61,29 +59,3 @@ def test_lm_eval_runs_per_bit_width(qmodel):
     assert "| abs_local_ppl | word_perplexity |" in table and "8-bit | 2-bit" in table
 
 
-@pytest.fixture
-def ckpt(qmodel, tmp_path):
-    path = tmp_path / "q"
-    qmodel.save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
-
-
-def test_cli_eval_tasks_with_text_file(ckpt, tmp_path, capsys):
-    text = tmp_path / "t.txt"
-    text.write_text("\n\n".join(DOCS))
-    rc = main(["eval", str(ckpt), "--bits", "8,4", "--tasks", LOCAL_TASK, "--text-file", str(text), "--limit", "2",
-               "--max-length", "64"])
-    out = capsys.readouterr().out
-    assert rc == 0 and "8-bit | 4-bit" in out and "bits_per_byte" in out
-
-
-def test_cli_eval_bad_inputs(ckpt, tmp_path, capsys):
-    assert main(["eval", str(ckpt), "--bits", "8", "--tasks", "abs_local_pp"]) == 2
-    assert "unknown lm-eval task" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="not in this checkpoint"):
-        main(["eval", str(ckpt), "--bits", "8,3", "--tasks", LOCAL_TASK])
-    assert main(["eval", str(ckpt), "--bits", "8", "--tasks", LOCAL_TASK, "--text-file", str(tmp_path / "no")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--tasks"):
-        main(["eval", str(ckpt), "--bits", "8", "--limit", "2"])

@@ -1,0 +1,116 @@
+"""What a joint multi-bit QAT step does (:class:`MultiBitConfig`), its validation against a model and trainer
+arguments, and the per-bit losses (KL to a teacher, next-token cross-entropy). The trainer is in training.py."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .switching import allowed_bits, require_layers
+
+KD_MODES = ("teacher", "inplace", "none")
+
+
+@dataclass
+class MultiBitConfig:
+    """What a joint multi-bit step does.
+
+    bits: bit-widths trained every step, in this order (None: every candidate, highest first).
+    bit_weights: ``{bits: weight}`` multiplying each bit-width's loss (missing bits weigh 1).
+    step_per_bit: step the optimiser after each bit-width's backward (paper Alg. A.2) instead of once per batch.
+    alrs: per-precision scale learning rate ``scale_lr * alrs_multiplier(master_bits, b)``; False: ``scale_lr`` for all.
+    scale_lr: base learning rate of the scales (None: the weights' ``learning_rate``).
+    grad_adaptive: the paper's optional gradient-adaptive term (see ``_grad_adaptive``).
+    kd: "teacher" (KL to the frozen float model), "inplace" (lower bits distill from the highest bit-width, which
+        itself distills from the teacher when one is given, else uses the LM loss) or "none" (LM loss only).
+    kd_alpha: loss = kd_alpha * KL + (1 - kd_alpha) * LM cross-entropy (1.0: pure distillation).
+    kd_temperature: softmax temperature of the KL (loss multiplied by T^2, as usual).
+    per_bit_scale_state: with ``step_per_bit``, a separate optimiser state (e.g. Adam moments) for the scales per
+        precision (see the module docstring); not saved in Trainer checkpoints (a resumed run restarts them).
+    hasb: per step and bit-width, resample layers' bit-widths with the HASB roulette sampler (mixed-precision supernet
+        training, ``abs_llm.hasb.HASBSampler``); layers not resampled train at the step's bit-width.
+    hasb_traces: ``{layer: tr(H_l)/n_l}``, or a path to a JSON file holding them (``{name: trace}`` or the
+        ``hasb.json`` of ``abs-llm search``); None: the traces stored in the model's quantization config.
+    hasb_sigma_schedule, hasb_sigma_min, hasb_sigma_max: resampling probability sigma over training progress.
+    hasb_seed: the maps are drawn from ``(hasb_seed, step, bit index)``, so resumed and DDP runs draw the same maps.
+    loss_norm: divide each bit-width's loss by a running mean of itself (detached), so every precision pushes the
+        shared weights by its *relative* improvement. Without it a 2-bit KL of ~10 nats drowns an 8-bit KL of ~1e-3
+        and the low bits drag the shared weights away from the high ones (issue 7's naive prototype).
+    """
+
+    bits: list[int] | None = None
+    bit_weights: dict[int, float] | None = None
+    step_per_bit: bool = False
+    alrs: bool = True
+    scale_lr: float | None = None
+    grad_adaptive: bool = False
+    grad_adaptive_clip: float = 1.0
+    kd: str = "teacher"
+    kd_alpha: float = 1.0
+    kd_temperature: float = 1.0
+    loss_norm: bool = False
+    per_bit_scale_state: bool = False
+    hasb: bool = False
+    hasb_traces: dict[str, float] | str | None = None
+    hasb_sigma_schedule: str = "linear"
+    hasb_sigma_min: float = 0.0
+    hasb_sigma_max: float = 1.0
+    hasb_seed: int = 0
+
+
+def kd_kl(student_logits, target_logits, mask, temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 * KL(softmax(target/T) || softmax(student/T))`` averaged over the positions where ``mask`` is true."""
+    t = temperature
+    logp = F.log_softmax(student_logits.float() / t, dim=-1)
+    logq = F.log_softmax(target_logits.float() / t, dim=-1)
+    kl = (logq.exp() * (logq - logp)).sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1) * t * t
+
+
+def lm_loss(logits, labels) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts ``labels[t+1]``; -100 is ignored."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+
+def validate(model, args, mb: MultiBitConfig, teacher, train_dataset) -> dict:
+    """Everything a MultiBitTrainer checks before it changes anything; returns the model's switchable layers."""
+    if model is None:
+        raise ValueError("MultiBitTrainer needs a model")
+    layers = require_layers(model)
+    cands = allowed_bits(model)
+    bits = list(mb.bits) if mb.bits is not None else list(cands)
+    bad = [b for b in bits if isinstance(b, bool) or b not in cands]
+    if not bits or bad or len(set(bits)) != len(bits):
+        raise ValueError(f"bits {bits} must be distinct candidate bit-widths of the model; allowed {sorted(cands)}")
+    for b, w in (mb.bit_weights or {}).items():
+        if b not in bits:
+            raise ValueError(f"bit_weights has bits {b}, which is not trained (bits={bits})")
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            raise ValueError(f"bit_weights[{b}]={w!r} must be a finite number >= 0")
+    if all((mb.bit_weights or {}).get(b, 1.0) == 0 for b in bits):
+        raise ValueError("all bit_weights are 0: nothing would be trained")
+    if args is not None:
+        if not args.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {args.learning_rate}")
+        if mb.step_per_bit and args.gradient_accumulation_steps != 1:
+            raise ValueError("step_per_bit steps the optimiser inside each batch; use gradient_accumulation_steps=1")
+    if mb.per_bit_scale_state and not mb.step_per_bit:
+        raise ValueError("per_bit_scale_state needs step_per_bit=True (one optimiser step per bit-width)")
+    if mb.scale_lr is not None and not mb.scale_lr > 0:
+        raise ValueError(f"scale_lr must be > 0, got {mb.scale_lr}")
+    if mb.kd not in KD_MODES:
+        raise ValueError(f"kd must be one of {KD_MODES}, got {mb.kd!r}")
+    if mb.kd == "teacher" and teacher is None:
+        raise ValueError("kd='teacher' needs the frozen float model: MultiBitTrainer(..., teacher=float_model)")
+    if mb.kd == "inplace" and (bits[0] != max(bits) or (mb.bit_weights or {}).get(bits[0], 1.0) == 0):
+        raise ValueError(f"kd='inplace' distills from the highest bit-width: it must come first with a weight > 0;"
+                         f" got bits {bits}")
+    if not 0.0 <= mb.kd_alpha <= 1.0 or not mb.kd_temperature > 0:
+        raise ValueError("kd_alpha must be in [0, 1] and kd_temperature > 0")
+    if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+        raise ValueError("the training dataset is empty")
+    return layers

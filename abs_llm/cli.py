@@ -52,6 +52,7 @@ def add_quantize(sub):
                    help="power of two in [16, 1024], or 'none'")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     _eval_flags(p)
+    _gptq_flags(p)
     p.set_defaults(func=run_quantize)
 
 
@@ -61,10 +62,52 @@ def run_quantize(args):
 
     cfg = DoubleRoundingConfig(bits=args.bits, candidate_bits=args.candidate_bits, master_bits=args.master_bits,
                                group_size=args.group_size)
+    gptq = _gptq_kwargs(args)
     out = quantize_to_dir(args.model, args.out, cfg, overwrite=args.overwrite, tokenizer=args.tokenizer,
-                          evaluate=not args.no_eval, eval_chunks=args.eval_chunks)
-    print(f"wrote switchable checkpoint {out} (from {args.model or 'the embedded SmolLM2-135M-Instruct'}; master "
-          f"INT{cfg.master_bits}, bits {cfg.candidate_bits})")
+                          evaluate=not args.no_eval, eval_chunks=args.eval_chunks, **gptq)
+    print(f"wrote switchable checkpoint {out} (from {args.model or 'the embedded SmolLM2-135M-Instruct'}; "
+          f"{args.method} master INT{cfg.master_bits}, bits {cfg.candidate_bits})")
+
+
+def _bit_weights(text: str) -> dict[int, float]:
+    try:
+        pairs = [p.split("=") for p in text.split(",") if p.strip()]
+        return {int(b): float(w) for b, w in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BITS=WEIGHT pairs like 8=0.1,4=1, got {text!r}") from None
+
+
+def _gptq_flags(p) -> None:
+    g = p.add_argument_group("one-shot PTQ (--method gptq)")
+    g.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
+                   help="rtn: round the master to nearest (default); gptq: choose it on calibration text to minimise"
+                        " the layer-output error summed over all candidate widths")
+    g.add_argument("--calibration", default=None, help="lee (Lee train docs 0-224, default), wiki (Wikipedia sample "
+                                                       "train articles), lee+wiki, or a text file")
+    g.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (default 16384)")
+    g.add_argument("--calib-docs", type=int, default=None, help="use only the first N documents of the corpus")
+    g.add_argument("--calib-seq-len", type=int, default=None, help="calibration window length (default 512)")
+    g.add_argument("--gptq-bit-weights", type=_bit_weights, default=None,
+                   help="weight of each width in the joint objective, e.g. 8=0.1,6=0.5,4=1,3=1,2=0.05")
+    g.add_argument("--gptq-damp", type=float, default=None, help="Hessian damping, fraction of mean diag (0.01)")
+    g.add_argument("--gptq-no-act-order", action="store_true", help="quantize columns in their stored order")
+
+
+def _gptq_kwargs(args) -> dict:
+    """``method`` / ``calibration`` / ``calib_docs`` / ``gptq_options`` for ``quantize_to_dir``; GPTQ flags given
+    with ``--method rtn`` are refused (they would be silently ignored)."""
+    opts = {k: v for k, v in (("calib_tokens", args.calib_tokens), ("seq_len", args.calib_seq_len),
+                              ("bit_weights", args.gptq_bit_weights), ("damp", args.gptq_damp)) if v is not None}
+    if args.gptq_no_act_order:
+        opts["act_order"] = False
+    if args.method == "rtn":
+        given = [f for f in ("calibration", "calib_tokens", "calib_docs", "calib_seq_len", "gptq_bit_weights",
+                             "gptq_damp", "gptq_no_act_order") if getattr(args, f) not in (None, False)]
+        if given:
+            raise ValueError(", ".join("--" + f.replace("_", "-") for f in given) + " only apply to --method gptq")
+        return {}
+    return {"method": "gptq", "calibration": args.calibration or "lee", "calib_docs": args.calib_docs,
+            "gptq_options": opts}
 
 
 # ---- eval -------------------------------------------------------------------------------------------------------------
@@ -72,7 +115,9 @@ def add_eval(sub):
     p = sub.add_parser("eval", help="perplexity of a switchable checkpoint at each bit-width")
     p.add_argument("checkpoint")
     p.add_argument("--bits", type=_bits_list, default=None, help="bit-widths to evaluate (default: all candidates)")
-    p.add_argument("--split", default="eval", choices=["train", "eval"], help="Lee corpus split (default held-out)")
+    p.add_argument("--split", default="eval", choices=["train", "train_fit", "validation", "eval", "test"],
+                   help="corpus split (default: eval = held-out test)")
+    p.add_argument("--corpus", default="lee", choices=["lee", "wiki"], help="Lee news (default) or the Wikipedia sample")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-chunks", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -97,7 +142,7 @@ def run_eval(args):
     rows, table = evaluate_checkpoint(args.checkpoint, args.bits, args.split, args.seq_len, args.max_chunks,
                                       tasks=args.tasks, limit=limit, text_file=args.text_file,
                                       batch_size=args.batch_size, max_length=args.max_length, tokenizer=args.tokenizer,
-                                      save=args.save)
+                                      save=args.save, corpus=args.corpus)
     print(json.dumps(rows, indent=2) if args.json else table)
     if args.save:
         print(f"stored in {args.checkpoint}/eval_results.json and eval_results.md", file=sys.stderr)
@@ -150,14 +195,18 @@ def add_demo(sub):
     p.add_argument("--out", default="outputs/demo", help="where the checkpoint, table and plot go")
     p.add_argument("--group-size", type=_group_size, default=DEFAULT_GROUP_SIZE)
     p.add_argument("--max-chunks", type=int, default=None, help="cap evaluation windows (default: full split)")
-    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--prompt", action="append", default=None, help="a question for the chat template (repeatable)")
+    p.add_argument("--method", default="gptq", choices=["gptq", "rtn"], help="how the master is chosen")
+    p.add_argument("--calibration", default="lee", help="gptq calibration text: lee, wiki or a text file")
+    p.add_argument("--no-contrast", action="store_true", help="skip the plain-rounding rows")
     p.set_defaults(func=run_demo)
 
 
 def run_demo(args):
-    from .demo import demo
+    from .demo import PROMPTS, demo
 
-    demo(args.out, group_size=args.group_size, max_chunks=args.max_chunks, prompt=args.prompt)
+    demo(args.out, group_size=args.group_size, max_chunks=args.max_chunks, prompts=args.prompt or PROMPTS,
+         method=args.method, calibration=args.calibration, contrast=not args.no_contrast)
 
 
 # ---- train ------------------------------------------------------------------------------------------------------------

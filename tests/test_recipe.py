@@ -153,3 +153,12 @@ def test_loss_plot_without_matplotlib_is_skipped(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     plot_losses([{"step": 1, "loss_w8": 0.1}], tmp_path / "p.png")
     assert not (tmp_path / "p.png").exists() and "matplotlib is not installed" in caplog.text
+
+
+def test_recipe_reads_the_wikipedia_sample():
+    """`data: {source: wiki}` trains on the embedded Wikipedia articles, split by article like default_corpus."""
+    from abs_llm.data import default_corpus
+    from abs_llm.recipe import load_texts
+
+    texts = load_texts({"source": "wiki", "split": "validation"})
+    assert texts == default_corpus("validation", name="wiki") and len(texts) > 0

@@ -194,7 +194,8 @@ def add_demo(sub):
     p = sub.add_parser("demo", help="the main job: default model -> switchable checkpoint -> PPL + generation per bits")
     p.add_argument("--out", default="outputs/demo", help="where the checkpoint, table and plot go")
     p.add_argument("--group-size", type=_group_size, default=DEFAULT_GROUP_SIZE)
-    p.add_argument("--max-chunks", type=int, default=None, help="cap evaluation windows (default: full split)")
+    p.add_argument("--max-chunks", type=int, default=8, help="evaluation windows per width (0: the full split)")
+    p.add_argument("--calib-tokens", type=int, default=2048, help="GPTQ calibration tokens (library default 16384)")
     p.add_argument("--prompt", action="append", default=None, help="a question for the chat template (repeatable)")
     p.add_argument("--method", default="gptq", choices=["gptq", "rtn"], help="how the master is chosen")
     p.add_argument("--calibration", default="lee", help="gptq calibration text: lee, wiki or a text file")
@@ -205,8 +206,9 @@ def add_demo(sub):
 def run_demo(args):
     from .demo import PROMPTS, demo
 
-    demo(args.out, group_size=args.group_size, max_chunks=args.max_chunks, prompts=args.prompt or PROMPTS,
-         method=args.method, calibration=args.calibration, contrast=not args.no_contrast)
+    demo(args.out, group_size=args.group_size, max_chunks=args.max_chunks or None, prompts=args.prompt or PROMPTS,
+         method=args.method, calibration=args.calibration, calib_tokens=args.calib_tokens,
+         contrast=not args.no_contrast)
 
 
 # ---- train ------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ TEXTS = ["The quick brown fox jumps over the lazy dog. " * 30] * 6
 @pytest.fixture
 def corpus(monkeypatch):
     # the Lee corpus would work too (char tokenizer), but a short text keeps the tiny evaluation to one window
-    monkeypatch.setattr(abs_llm.data, "default_corpus", lambda split="train": TEXTS)
+    monkeypatch.setattr(abs_llm.data, "default_corpus", lambda split="train", name="lee": TEXTS)
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_eval_save_adds_lm_eval_and_ppl_sections(qckpt, tmp_path, corpus, capsys
     assert "lm-evaluation-harness (abs_local_ppl, limit 2" in md and "bits_per_byte" in md and "| 8 |" in md
     capsys.readouterr()
     assert main(["eval", str(qckpt), "--save", "--split", "train"]) == 2
-    assert "--save stores results on the held-out split" in capsys.readouterr().err
+    assert "--save stores results on the Lee held-out split" in capsys.readouterr().err
 
 
 def test_push_dry_run_card_has_table_plot_and_base_model(qckpt, tmp_path, corpus, monkeypatch):

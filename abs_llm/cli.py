@@ -309,7 +309,7 @@ def add_generate(sub):
 
 
 def run_generate(args):
-    from .generate import generate
+    from .generate import generate, summary_line
 
     r = generate(args.checkpoint, args.prompt, bits=args.bits, draft_bits=args.draft_bits,
                  head_bits=args.draft_head_bits, num_assistant_tokens=args.num_assistant_tokens,
@@ -319,14 +319,8 @@ def run_generate(args):
         print(json.dumps(r, indent=2))
         return
     print(r["text"])
-    line = f"{r['new_tokens']} tokens in {r['seconds']:.2f} s: {r['tokens_per_s']:.1f} tokens/s"
-    if "acceptance" in r:
-        line += (f"; draft acceptance {r['acceptance']:.1%} ({r['accepted']}/{r['drafted']} drafted tokens, "
-                 f"{r['tokens_per_round']:.2f} tokens per verifier step)")
-    if "speedup" in r:
-        line += (f"; verifier alone {r['verifier_tokens_per_s']:.1f} tokens/s, speed-up {r['speedup']:.2f}x, "
-                 f"identical text: {'yes' if r['identical'] else 'NO'}")
-    print(line, file=sys.stderr)
+    print(summary_line(r), file=sys.stderr)
+
 
 # ---- main -------------------------------------------------------------------------------------------------------------
 COMMANDS = [add_demo, add_quantize, add_eval, add_train, add_search, add_export, add_push, add_generate]

@@ -98,3 +98,15 @@ def generate(checkpoint: str, prompt: str, bits=None, draft_bits=None, head_bits
         result["speedup"] = stats["tokens_per_s"] / alone["tokens_per_s"]
         result["identical"] = bool(torch.equal(plain, out))
     return result
+
+
+def summary_line(r: dict) -> str:
+    """One line of speed (and, with a draft, acceptance; with ``compare``, speed-up and identity) for a result."""
+    line = f"{r['new_tokens']} tokens in {r['seconds']:.2f} s: {r['tokens_per_s']:.1f} tokens/s"
+    if "acceptance" in r:
+        line += (f"; draft acceptance {r['acceptance']:.1%} ({r['accepted']}/{r['drafted']} drafted tokens, "
+                 f"{r['tokens_per_round']:.2f} tokens per verifier step)")
+    if "speedup" in r:
+        line += (f"; verifier alone {r['verifier_tokens_per_s']:.1f} tokens/s, speed-up {r['speedup']:.2f}x, "
+                 f"identical text: {'yes' if r['identical'] else 'NO'}")
+    return line

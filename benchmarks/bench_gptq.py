@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from common import cpu_name
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import abs_llm
@@ -38,16 +38,6 @@ from abs_llm.hf_quantizer import linears_to_convert, resolve_modules_to_not_conv
 from abs_llm.ptq import gptq_masters
 
 BITS = [8, 6, 4, 3, 2]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def eval_sets(split: str, wiki_chunks: int):
@@ -100,7 +90,7 @@ def main():
     def ppl_all():
         return {k: perplexity(model, tok, texts, max_chunks=mc, progress=False) for k, (texts, mc) in sets.items()}
 
-    base = {"machine": _cpu_name(), "threads": torch.get_num_threads(), "split": args.split, "tag": args.tag,
+    base = {"machine": cpu_name(), "threads": torch.get_num_threads(), "split": args.split, "tag": args.tag,
             "calibration": args.calibration, "wiki_chunks": args.wiki_chunks, "options": opts}
     fp = ppl_all()
     print(f"fp {fp}", flush=True)

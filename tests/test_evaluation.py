@@ -11,19 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from abs_llm.evaluation import perplexity, plot_ppl, token_windows
+from tests import conftest
 
 
 @pytest.fixture(scope="module")
 def char_tokenizer():
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "\n": 1}
-    for i in range(32, 127):
-        vocab[chr(i)] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    return conftest.char_tokenizer()
 
 
 @pytest.fixture(scope="module")

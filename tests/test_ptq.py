@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import abs_llm
 from abs_llm import DoubleRoundingConfig, core, set_bits, switchable_layers
 from abs_llm.ptq import GPTQOptions, gptq_masters
 from abs_llm.ptq.calibration import HessianCollector, calibration_windows, capture_inputs, run_block
 from abs_llm.ptq.gptq import SolverOptions, solve, width_errors
-from tests.conftest import tiny_llama_config
+from tests.conftest import char_tokenizer, tiny_llama_config
 
 BITS = [8, 6, 4, 3, 2]
 TEXT = ("Double rounding keeps one integer master and derives every lower width by a second rounding. " * 12).strip()
@@ -30,12 +29,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def char_tok():
-    vocab = {"<unk>": 0, "\n": 1}
-    for i in range(32, 127):
-        vocab[chr(i)] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    return char_tokenizer()
 
 
 def _model():

@@ -88,7 +88,8 @@ def _gptq_flags(p) -> None:
     g.add_argument("--calib-docs", type=int, default=None, help="use only the first N documents of the corpus")
     g.add_argument("--calib-seq-len", type=int, default=None, help="calibration window length (default 512)")
     g.add_argument("--gptq-bit-weights", type=_bit_weights, default=None,
-                   help="weight of each width in the joint objective, e.g. 8=0.1,6=0.5,4=1,3=1,2=0.05")
+                   help="weight of each width in the joint objective, e.g. 8=0.1,6=0.5,4=1,3=1,2=0.05 "
+                        "(default 8=0.5,6=0.25,4=4,3=2,2=0; missing widths 1)")
     g.add_argument("--gptq-damp", type=float, default=None, help="Hessian damping, fraction of mean diag (0.01)")
     g.add_argument("--gptq-no-act-order", action="store_true", help="quantize columns in their stored order")
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import abs_llm
 from abs_llm import DoubleRoundingConfig, core, set_bits, switchable_layers
-from abs_llm.ptq import GPTQOptions, gptq_masters
+from abs_llm.ptq import DEFAULT_BIT_WEIGHTS, GPTQOptions, gptq_masters
 from abs_llm.ptq.calibration import HessianCollector, calibration_windows, capture_inputs, run_block
 from abs_llm.ptq.gptq import SolverOptions, solve, width_errors
 from tests.conftest import char_tokenizer, tiny_llama_config
@@ -248,3 +248,7 @@ def test_options_object_and_validation():
     assert o.weights_for(BITS) == [2.0, 1.0, 1.0, 1.0, 0.0] and o.act_order is False
     with pytest.raises(ValueError, match="at least one positive"):
         GPTQOptions(bit_weights={b: 0 for b in BITS}).weights_for(BITS)
+    # defaults: the validated weights for the widths present; a lone 2-bit width (per-bit GPTQ) still gets weight
+    assert GPTQOptions().weights_for(BITS) == [DEFAULT_BIT_WEIGHTS[b] for b in BITS]
+    assert GPTQOptions().weights_for([2]) == [1.0]
+    assert GPTQOptions().weights_for([4, 2]) == [DEFAULT_BIT_WEIGHTS[4], 0.0]

@@ -22,7 +22,7 @@ from .gptq import SolverOptions, solve
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GPTQOptions", "METHODS", "check_method", "gptq_masters", "SolverOptions", "solve"]
+__all__ = ["DEFAULT_BIT_WEIGHTS", "GPTQOptions", "METHODS", "check_method", "gptq_masters", "SolverOptions", "solve"]
 
 METHODS = ("rtn", "gptq")
 
@@ -38,13 +38,20 @@ def check_method(method, calibration, tokenizer, options) -> None:
         GPTQOptions.make(options).check()
 
 
+# Chosen on validation (BENCHMARKS.md, "GPTQ options on validation"): 8 and 6 bits stay within +0.5% / +1.2% with a
+# small weight, so the weight goes to 4 and 3 bits (w4 +20% -> +13%, w3 x3.7 -> x2.8 on Lee validation); 2 bits is
+# unusable without training whatever the master, and pulling the master towards it costs 3 bits.
+DEFAULT_BIT_WEIGHTS = {8: 0.5, 7: 0.5, 6: 0.25, 5: 1.0, 4: 4.0, 3: 2.0, 2: 0.0}
+
+
 @dataclass
 class GPTQOptions(SolverOptions):
     """Knobs of ``method="gptq"`` (solver knobs: see :class:`abs_llm.ptq.gptq.SolverOptions`).
 
     bit_weights: ``{bits: weight}`` of each candidate width in the joint objective (missing widths: 1.0; 0 drops a
         width from the objective, it is still derived). With ``normalize`` (default) each width's error is measured
-        relative to plain rounding's on the same layer.
+        relative to plain rounding's on the same layer. ``None``: :data:`DEFAULT_BIT_WEIGHTS` for the widths present
+        (all 1.0 if none of them has a positive default).
     seq_len / calib_tokens / batch_size: calibration windows (non-overlapping, from the joined texts).
     propagate_bits: width at which an already quantized block feeds the next one (``None``: the master width;
         ``0``: the float weights, i.e. every layer is calibrated on the float model's activations).
@@ -77,8 +84,11 @@ class GPTQOptions(SolverOptions):
         return SolverOptions(**{f.name: getattr(self, f.name) for f in fields(SolverOptions)})
 
     def weights_for(self, bits) -> list[float]:
+        if self.bit_weights is None:
+            w = [DEFAULT_BIT_WEIGHTS.get(b, 1.0) for b in bits]
+            return w if any(w) else [1.0] * len(bits)
         try:  # JSON/YAML may give the widths as strings
-            given = {int(b): w for b, w in dict(self.bit_weights or {}).items()}
+            given = {int(b): w for b, w in dict(self.bit_weights).items()}
         except (TypeError, ValueError):
             raise ValueError(f"bit_weights must map bit-widths to weights, got {self.bit_weights!r}") from None
         bad = sorted(set(given) - set(bits))

@@ -34,7 +34,7 @@ import torch
 from .common import say_once
 
 ENABLED = os.environ.get("ABS_LLM_FUSED", "1") != "0"
-PARTS = ("int8", "nib", "x2")  # and "scales" (int4pack scales and zeros)
+PARTS = ("int8", "nib", "x2")  # outputs: int8pack weight, int4pack nibbles, int4x2 hi + lo nibbles
 _lock = threading.Lock()
 _kernels: dict = {}
 _nb = None  # numba's njit once imported; False when numba is missing or broke
@@ -61,28 +61,28 @@ def _disable(why: str) -> None:
 
 
 def constants(master_bits: int, bits: int, part: str) -> dict:
-    """The compile-time constants of one kernel (numpy uint8, so the loop stays in narrow lanes)."""
+    """The numbers one kernel call needs (numpy uint8, so the loops stay in narrow lanes). ``d`` is compiled into
+    the kernel; ``umax`` (the clamp, by master bits), ``off`` and ``planes`` (by output) are arguments."""
     d = master_bits - bits
     if not (0 <= d <= 6 and bits >= 1 and master_bits <= 8) or part not in PARTS:
         raise ValueError(f"no fused kernel for {bits} bits from a {master_bits}-bit master, part {part!r}")
     lift = 2 ** (7 - d)  # the u-domain result is q_l + lift; adding off makes it q_l + 8 (mod 16) or q_l + 128
     off = {"int8": 0, "nib": (8 - lift) % 16, "x2": 128 - lift}[part]
-    u8 = np.uint8
-    return {"d": u8(d), "umax": u8(128 + 2 ** (master_bits - 1) - 2**d), "half": u8((2**d - 1) >> 1),
-            "parity": u8(1 if d else 0), "off": u8(off), "planes": 2 if part == "x2" else 1}
+    return {"d": d, "umax": np.uint8(128 + 2 ** (master_bits - 1) - 2**d), "off": np.uint8(off),
+            "planes": 2 if part == "x2" else 1}
 
 
-def _build(master_bits: int, bits: int, part: str):
-    """Compile (or load from numba's disk cache) the kernel for one (master bits, width, part)."""
+def _build(d: int, layout: str):
+    """Compile (or load from numba's disk cache) the ``"int8"`` or ``"blocked"`` kernel for one shift ``d``."""
     njit = _njit()
-    c = constants(master_bits, bits, part)
-    d, umax, half, parity, off, planes = c["d"], c["umax"], c["half"], c["parity"], c["off"], c["planes"]
-    f15, four, flip = np.uint8(15), np.uint8(4), np.uint8(128)
+    u8 = np.uint8
+    d, half, parity = u8(d), u8((2**d - 1) >> 1), u8(1 if d else 0)
+    f15, four, flip = u8(15), u8(4), u8(128)
 
     # explicit signatures: compile (or load from the cache) now, inside kernel()'s try, not at the first call
-    if part == "int8":
-        @njit("void(uint8[::1], uint8[::1])", cache=True, nogil=True)
-        def scaled(q, out):  # flat uint8 views; out = q_l * 2^d as int8 bytes
+    if layout == "int8":
+        @njit("void(uint8[::1], uint8, uint8[::1])", cache=True, nogil=True)
+        def scaled(q, umax, out):  # flat uint8 views; out = q_l * 2^d as int8 bytes
             for i in range(q.shape[0]):
                 u = min(q[i] ^ flip, umax)
                 r = (u + half + ((u >> d) & parity)) >> d
@@ -90,12 +90,12 @@ def _build(master_bits: int, bits: int, part: str):
 
         return scaled
 
-    @njit("void(uint8[:, ::1], uint8[:, :, ::1])", cache=True, nogil=True)
-    def blocked(q, out):
+    @njit("void(uint8[:, ::1], uint8, uint8, int64, uint8[:, :, ::1])", cache=True, nogil=True)
+    def blocked(q, umax, off, planes, out):
         # q (n, k) master bytes, n % 64 == 0; out (planes * n // 64, k, 32): in block b, byte j of column i holds the
-        # nibble of row 64b + j (low) and of row 64b + j + 32 (high); int4x2 writes the hi blocks, then the lo
-        # blocks. Per block of 64 rows: derive (one contiguous pass over the master), then the byte transpose in
-        # widening steps (2, 4, 8 rows per word) that are each a contiguous loop over cache-resident rows.
+        # nibble of row 64b + j (low) and of row 64b + j + 32 (high); int4x2 (planes 2) writes the hi blocks, then
+        # the lo blocks. Per block of 64 rows: derive (one contiguous pass over the master), then the byte transpose
+        # in widening steps (2, 4, 8 rows per word), each a contiguous loop over cache-resident rows.
         n, k = q.shape
         nb = n // 64
         v = np.empty((64, k), np.uint8)  # the block's rows derived: q_l + 8 (mod 16), or q_l + 128 for int4x2
@@ -180,18 +180,19 @@ def _build_scales():
     return scales
 
 
-def kernel(master_bits: int, bits: int, part: str):
-    """The compiled kernel, or ``None`` when the fused path is off, numba is missing, or compiling failed."""
+def kernel(d: int, layout: str):
+    """The compiled ``"int8"`` / ``"blocked"`` kernel for shift ``d`` (or ``"scales"``, ``d`` unused); ``None`` when
+    the fused path is off, numba is missing, or compiling failed."""
     if not ENABLED or _nb is False:
         return None
-    key = (master_bits, bits, part)
+    key = (d, layout)
     fn = _kernels.get(key)
     if fn is None:
         with _lock:
             fn = _kernels.get(key)
             if fn is None and _njit():
                 try:
-                    fn = _build_scales() if part == "scales" else _build(master_bits, bits, part)
+                    fn = _build_scales() if layout == "scales" else _build(d, layout)
                     _kernels[key] = fn
                 except Exception as e:  # a numba/LLVM problem must not take the model down
                     _disable(f"{type(e).__name__}: {e}")
@@ -207,12 +208,13 @@ def scaled_int8(q_master: torch.Tensor, master_bits: int, bits: int) -> torch.Te
     """``q_l * 2^d`` as int8 ``(out, in)`` (what ``lookup(..., "int8")`` returns), or ``None``: use the eager path."""
     if q_master.device.type != "cpu" or q_master.dtype != torch.int8:
         return None
-    fn = kernel(master_bits, bits, "int8")
+    c = constants(master_bits, bits, "int8")
+    fn = kernel(c["d"], "int8")
     if fn is None:
         return None
     out = torch.empty(q_master.shape, dtype=torch.int8)
     try:
-        fn(_bytes(q_master).reshape(-1), out.view(torch.uint8).numpy().reshape(-1))
+        fn(_bytes(q_master).reshape(-1), c["umax"], out.view(torch.uint8).numpy().reshape(-1))
     except Exception as e:
         _disable(f"{type(e).__name__}: {e}")
         return None
@@ -226,14 +228,14 @@ def int4_blocked(q_master: torch.Tensor, master_bits: int, bits: int, kernel_nam
     n, k = q_master.shape
     if q_master.device.type != "cpu" or q_master.dtype != torch.int8 or n % 64 or k % 2 or n == 0:
         return None
-    part = "x2" if kernel_name == "int4x2" else "nib"
-    fn = kernel(master_bits, bits, part)
+    c = constants(master_bits, bits, "x2" if kernel_name == "int4x2" else "nib")
+    fn = kernel(c["d"], "blocked")
     if fn is None:
         return None
-    planes = 2 if part == "x2" else 1
+    planes = c["planes"]
     out = torch.empty(planes * n // 64, k, 32, dtype=torch.uint8)
     try:
-        fn(_bytes(q_master), out.numpy())
+        fn(_bytes(q_master), c["umax"], c["off"], planes, out.numpy())
     except Exception as e:
         _disable(f"{type(e).__name__}: {e}")
         return None
@@ -254,7 +256,7 @@ def int4_scales(scale: torch.Tensor, d: int, in_f: int, group_size, g: int, dtyp
     :func:`.cpu.int4_scales_and_zeros` builds; for int4x2 both halves) in one pass; ``None``: use the eager path."""
     if scale.device.type != "cpu" or scale.dtype != torch.float32 or dtype != torch.bfloat16:
         return None
-    fn = kernel(0, 0, "scales")
+    fn = kernel(0, "scales")
     if fn is None:
         return None
     mults, zeros = _scale_factors(d, kernel_name == "int4x2")

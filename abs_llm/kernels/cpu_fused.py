@@ -2,21 +2,23 @@
 
 The eager path (:func:`.common.lookup`, then :func:`.cpu.pack_int4_cpu`) derives with six int8 passes
 (:func:`.layouts.derive_int`) and packs with several more (nibble planes, the ``_blocked64`` byte transpose): a cold
-whole-model switch costs 3-15 copies of the masters. Here numba compiles, per (master bits, width, output), one loop
-that reads each master byte once and writes the final bytes, bit-exact with the eager path:
+whole-model switch costs 3-14 copies of the masters (BENCHMARKS.md). Here numba compiles loops that read each master
+byte once and write the final bytes, bit-exact with the eager path:
 
-- ``"int8"``: ``q_l * 2^d`` as int8 (the ``int8pack`` weight);
-- ``"nib"``, ``"hi"``, ``"lo"``: the nibbles ``q_l + 8`` (``int4pack``, at most 4 bits) or the two halves of
-  ``q_l = 16 * (hi - 8) + lo`` (``int4x2``), already in the ``_blocked64`` layout of ``_weight_int4pack_mm_for_cpu``.
+- ``scaled_int8``: ``q_l * 2^d`` as int8 (the ``int8pack`` weight);
+- ``int4_blocked``: the nibbles ``q_l + 8`` (``int4pack``, at most 4 bits) or the two halves of
+  ``q_l = 16 * (hi - 8) + lo`` (``int4x2``), already in the ``_blocked64`` layout of ``_weight_int4pack_mm_for_cpu``;
+- ``int4_scales``: that kernel's bf16 scales and zeros (``s * 2^d`` is an exponent add on the float32 bits).
 
 The derivation runs on the unsigned byte ``u = q + 128``: round half to even of ``u / 2^d`` is
 ``(u + 2^(d-1) - 1 + ((u >> d) & 1)) >> d`` (as in ``derive_int``) and equals ``round(q / 2^d) + 2^(7-d)``, because
 ``128 / 2^d`` is an even integer for ``d <= 6``; clamping ``u`` first to ``128 + 2^(h-1) - 2^d`` (which maps to the top
-value) keeps every intermediate in ``[0, 255]``. ``d`` and the nibble offsets are compile-time constants of each
-kernel: with a run-time shift LLVM widens the loop to 64-bit lanes and it runs ~5x slower.
+value) keeps every intermediate in ``[0, 255]``. One kernel per shift ``d`` (a compile-time constant: with a run-time
+shift LLVM widens the loop to 64-bit lanes and it runs ~5x slower); clamp and offsets are arguments. Kernels run on one
+thread (``nogil``).
 
-numba is optional (``pip install abs_llm[fast]``): without it, or when a kernel fails to compile or run, the eager
-path is used (logged once). Kernels compile on first use (~0.3-1 s each, the first one also loads numba) and are
+numba is optional (``pip install abs_llm[fast]``; the ``test`` extra has it): without it, or when a kernel fails to
+compile or run, the eager path is used (logged once). Kernels compile on first use (~0.5-1 s each; 15 in all) and are
 cached on disk by numba (``NUMBA_CACHE_DIR`` moves the cache). ``ABS_LLM_FUSED=0`` turns the fused path off;
 :data:`ENABLED` does the same in-process (the benchmark compares both).
 """

@@ -53,6 +53,13 @@ def packed_tensors(layers, bits):
     return [t for m in layers for k, p in m._cache.items() if k[0] == bits for t in p.tensors]
 
 
+def copy_all(masters, dsts) -> float:
+    t = time.perf_counter()
+    for a, b in zip(masters, dsts):
+        b.copy_(a)
+    return time.perf_counter() - t
+
+
 def compile_costs(keys) -> dict:
     """Seconds to import numba and to build ``keys`` in a fresh process: with an empty cache (compile) and again with
     the cache it wrote (load)."""
@@ -79,13 +86,6 @@ def bench(models, repeats: int) -> dict:
         dsts = [torch.empty_like(m) for m in masters]
         raw = {"clone": [], "copy": [], **{f"{v} {s}->{d}": [] for v in VARIANTS for s, d in PAIRS}}
         ratios = {k: [] for k in raw if " " in k}
-
-        def copy_all() -> float:
-            t = time.perf_counter()
-            for a, b in zip(masters, dsts):
-                b.copy_(a)
-            return time.perf_counter() - t
-
         exact = {}
         with torch.inference_mode():
             for s, d in PAIRS:  # warm-up, and exactness of fused vs eager on the real model
@@ -104,7 +104,7 @@ def bench(models, repeats: int) -> dict:
                 for v in VARIANTS:
                     cpu_fused.ENABLED = v == "fused"
                     for s, d in PAIRS:  # each switch next to its own copy: the ratio sees the same machine load
-                        c = copy_all()
+                        c = copy_all(masters, dsts)
                         raw["copy"].append(c)
                         raw[f"{v} {s}->{d}"].append(cold_switch(model, layers, s, d))
                         ratios[f"{v} {s}->{d}"].append(raw[f"{v} {s}->{d}"][-1] / c)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -244,7 +244,7 @@ def int4_blocked(q_master: torch.Tensor, master_bits: int, bits: int, kernel_nam
     return out.view(planes * n, k // 2)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _scale_factors(d: int, x2: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per plane, as powers of two: the step multiplier and the zero as a multiple of the step (-1: zero 0).
     int4x2: hi = 16 * step, zero 0; lo = step, zero 8 * step."""

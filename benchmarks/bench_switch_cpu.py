@@ -1,48 +1,43 @@
-"""Issue 12, CPU part: cold whole-model switch vs a memcpy of the masters, integer derivation vs the former table.
+"""Issue 12, CPU part: cold whole-model switch vs a copy of the masters, fused (numba) vs eager derive + pack.
 
 SmolLM2-135M-Instruct (embedded default), bf16 activations, per-channel and group 64. "cold": the target width is not
-cached, so ``set_bits`` derives and packs every layer; "memcpy": ``clone()`` of every INT8 master (as in
-bench_speed.py; the copy into preallocated buffers, without page faults, is reported too). Both derivations run in
-the same process, round-robin over the repeats (the machine is shared); "table" is the 256-entry gather with an int32
-index that ``kernels.common.lookup`` used before (kept here to compare).
+cached, so ``set_bits`` derives and packs every layer. "fused": ``kernels/cpu_fused.py`` (one compiled pass per layer);
+"eager": the torch-ops path it falls back to (``cpu_fused.ENABLED = False``). Both run in the same process, round-robin
+over the repeats (the machine is shared), medians reported; the packed tensors of both are compared (torch.equal) for
+every pair. Baselines: "copy" = ``copy_`` of every INT8 master into preallocated buffers, timed right before each
+switch (the ratio "x copy" is the median of these paired ratios, so both sides see the same machine load), and
+"clone" = ``clone()`` of every master kept alive (allocation + page faults, as a switch pays them too). The first fused
+switch of the process (kernels loaded from numba's disk cache) and the compile cost in a fresh process with an empty
+cache are reported apart.
 
-Usage: python benchmarks/bench_switch_cpu.py [--repeats 5] [--threads N] [--out benchmarks/results/switch_cpu.json]
+Usage: python benchmarks/bench_switch_cpu.py [--repeats 5] [--threads 1,2] [--out benchmarks/results/switch_cpu.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections import OrderedDict
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from abs_llm import DoubleRoundingConfig, core, quantize, set_bits, switchable_layers  # noqa: E402
-from abs_llm.kernels import common, cpu  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from abs_llm import DoubleRoundingConfig, quantize, set_bits, switchable_layers  # noqa: E402
+from abs_llm.kernels import cpu_fused  # noqa: E402
+from common import machine_info  # noqa: E402
 
 PAIRS = ((8, 4), (4, 2), (2, 8), (8, 6), (6, 3))
-
-
-@lru_cache(maxsize=None)
-def _table(master_bits, bits, part, dtype):
-    u = torch.arange(256)
-    lo, hi = core.qrange(master_bits)
-    q = core.derive(torch.where(u >= 128, u - 256, u).clamp(lo, hi).view(1, -1), master_bits, bits).view(-1).long()
-    out = {"int8": q * 2 ** (master_bits - bits), "nib": q + 8, "hi": torch.div(q, 16, rounding_mode="floor") + 8,
-           "lo": q - 16 * torch.div(q, 16, rounding_mode="floor")}[part]
-    return out.to(dtype=dtype)
-
-
-def table_lookup(q_master, master_bits, bits, part, dtype, out=None):
-    idx = q_master.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
-    res = torch.index_select(_table(master_bits, bits, part, dtype), 0, idx, out=None if out is None else out.view(-1))
-    return res.view(q_master.shape)
+VARIANTS = ("fused", "eager")
 
 
 def cold_switch(model, layers, src, dst) -> float:
@@ -54,57 +49,122 @@ def cold_switch(model, layers, src, dst) -> float:
     return time.perf_counter() - t
 
 
+def packed_tensors(layers, bits):
+    return [t for m in layers for k, p in m._cache.items() if k[0] == bits for t in p.tensors]
+
+
+def copy_all(masters, dsts) -> float:
+    t = time.perf_counter()
+    for a, b in zip(masters, dsts):
+        b.copy_(a)
+    return time.perf_counter() - t
+
+
+def compile_costs(keys) -> dict:
+    """Seconds to import numba and to build ``keys`` in a fresh process: with an empty cache (compile) and again with
+    the cache it wrote (load)."""
+    code = ("import json, sys, time; import abs_llm; from abs_llm.kernels import cpu_fused\n"
+            "t = time.perf_counter(); import numba; i = time.perf_counter() - t\n"
+            "t = time.perf_counter()\n"
+            "for k in json.loads(sys.argv[1]): assert cpu_fused.kernel(*k) is not None\n"
+            "print(json.dumps({'numba_import_s': i, 'kernels_s': time.perf_counter() - t}))")
+    out = {"kernels": len(keys)}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        for label in ("compile", "cache_load"):
+            r = subprocess.run([sys.executable, "-c", code, json.dumps(keys)], env=env, cwd=ROOT, capture_output=True,
+                               text=True, check=True)
+            out[label] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def bench(models, repeats: int) -> dict:
+    res = {"load_before": os.getloadavg()}
+    for key, model in models.items():
+        layers = list(switchable_layers(model).values())
+        masters = [m.weight_master for m in layers]
+        dsts = [torch.empty_like(m) for m in masters]
+        raw = {"clone": [], "copy": [], **{f"{v} {s}->{d}": [] for v in VARIANTS for s, d in PAIRS}}
+        ratios = {k: [] for k in raw if " " in k}
+        exact = {}
+        with torch.inference_mode():
+            for s, d in PAIRS:  # warm-up, and exactness of fused vs eager on the real model
+                got = {}
+                for v in VARIANTS:
+                    cpu_fused.ENABLED = v == "fused"
+                    cold_switch(model, layers, s, d)
+                    got[v] = packed_tensors(layers, d)
+                exact[f"{s}->{d}"] = len(got["fused"]) == len(got["eager"]) and all(
+                    torch.equal(a, b) for a, b in zip(got["fused"], got["eager"]))
+            for _ in range(repeats):
+                t = time.perf_counter()
+                clones = [m.clone() for m in masters]
+                raw["clone"].append(time.perf_counter() - t)
+                del clones
+                for v in VARIANTS:
+                    cpu_fused.ENABLED = v == "fused"
+                    for s, d in PAIRS:  # each switch next to its own copy: the ratio sees the same machine load
+                        c = copy_all(masters, dsts)
+                        raw["copy"].append(c)
+                        raw[f"{v} {s}->{d}"].append(cold_switch(model, layers, s, d))
+                        ratios[f"{v} {s}->{d}"].append(raw[f"{v} {s}->{d}"][-1] / c)
+        cpu_fused.ENABLED = True
+        med = {k: statistics.median(v) for k, v in raw.items()}
+        res[key] = {"layers": len(layers), "master_MB": sum(m.numel() for m in masters) / 1e6, "exact": exact,
+                    "seconds": med, "x_copy": {k: statistics.median(v) for k, v in ratios.items()},
+                    "x_clone": {k: v / med["clone"] for k, v in med.items()}, "raw_seconds": raw}
+    res["load_after"] = os.getloadavg()
+    return res
+
+
+def table(res: dict, threads: int) -> str:
+    g = [res["groupnone"], res["group64"]]
+    head = (f"{threads} thread(s), load average {res['load_before'][0]:.1f} -> {res['load_after'][0]:.1f}\n"
+            "| switch | per-channel fused | eager | group 64 fused | eager |\n|---|---:|---:|---:|---:|\n"
+            + "| copy of the masters | " + " | ".join(
+                f"{r['seconds']['copy'] * 1e3:.1f} ms (clone {r['seconds']['clone'] * 1e3:.1f} ms) | " for r in g)
+            + " |\n")
+    rows = []
+    for s, d in PAIRS:
+        cells = []
+        for r in g:
+            for v in VARIANTS:
+                k = f"{v} {s}->{d}"
+                cells.append(f"{r['seconds'][k] * 1e3:.1f} ms ({r['x_copy'][k]:.1f}x)"
+                             + ("" if v == "eager" or r["exact"][f"{s}->{d}"] else " NOT EXACT"))
+        rows.append(f"| {s} -> {d} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts, each run in turn")
     ap.add_argument("--out", default="benchmarks/results/switch_cpu.json")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from abs_llm.data import load_default_model
-    from bench_speed import cpu_name
 
     base, _ = load_default_model()
     base = base.to(torch.bfloat16)
     ids = torch.zeros(1, 4, dtype=torch.long)
-    res = {"machine": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
-    print(f"{res['machine']}, {res['threads']} threads, torch {torch.__version__}", flush=True)
+    models, first = {}, []
     for g in (None, 64):
-        import copy
-
-        model = quantize(copy.deepcopy(base), DoubleRoundingConfig(group_size=g))
+        models[f"group{g or 'none'}"] = m = quantize(copy.deepcopy(base), DoubleRoundingConfig(group_size=g))
         with torch.inference_mode():
-            model(ids)  # layers learn their activation dtype (bf16): set_bits packs eagerly
-        layers = list(switchable_layers(model).values())
-        masters = [m.weight_master for m in layers]
-        dsts = [torch.empty_like(m) for m in masters]
-        raw = {"memcpy": [], "copy_into": [], **{f"{v} {s}->{d}": [] for v in ("integer", "table") for s, d in PAIRS}}
-        with torch.inference_mode():
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                [m.clone() for m in masters]
-                raw["memcpy"].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                for a, b in zip(masters, dsts):
-                    b.copy_(a)
-                raw["copy_into"].append(time.perf_counter() - t)
-                for variant, fn in (("integer", common.lookup), ("table", table_lookup)):
-                    cpu.lookup = fn
-                    for s, d in PAIRS:
-                        raw[f"{variant} {s}->{d}"].append(cold_switch(model, layers, s, d))
-                cpu.lookup = common.lookup
-        med = {k: statistics.median(v) for k, v in raw.items()}
-        key = f"group{g or 'none'}"
-        res[key] = {"layers": len(layers), "master_MB": sum(m.numel() for m in masters) / 1e6,
-                    "seconds": med, "vs_memcpy": {k: v / med["memcpy"] for k, v in med.items()}}
-        print(f"\n{key}: {len(layers)} layers, memcpy of masters {med['memcpy'] * 1e3:.1f} ms (clone; "
-              f"{med['copy_into'] * 1e3:.1f} ms into preallocated buffers), median of {args.repeats}\n"
-              "| switch | integer ms | x memcpy | table ms | x memcpy |\n|---|---:|---:|---:|---:|")
-        for s, d in PAIRS:
-            a, b = med[f"integer {s}->{d}"], med[f"table {s}->{d}"]
-            print(f"| {s} -> {d} | {a * 1e3:.1f} | {a / med['memcpy']:.1f} | {b * 1e3:.1f} | "
-                  f"{b / med['memcpy']:.1f} |", flush=True)
+            m(ids)  # layers learn their activation dtype (bf16): set_bits packs eagerly
+            t = time.perf_counter()
+            set_bits(m, 4)  # the process's first fused switch: numba import + kernel from numba's disk cache
+            first.append(time.perf_counter() - t)
+    res = {**machine_info(), "first_switch_8to4_s": first[0], "numba": cpu_fused.kernel(4, "blocked") is not None}
+    print(f"{res['machine']}, torch {torch.__version__}, fused path available: {res['numba']}", flush=True)
+    for n in (int(x) for x in args.threads.split(",")):
+        torch.set_num_threads(n)
+        res[f"threads{n}"] = r = bench(models, args.repeats)
+        print(f"\nmedian of {args.repeats}, ms (median of paired ratios to a copy)\n" + table(r, n), flush=True)
+    res["compile"] = compile_costs(sorted(cpu_fused._kernels))
+    c = res["compile"]
+    print(f"\n{c['kernels']} kernels in a fresh process: numba import {c['compile']['numba_import_s']:.2f} s, compile "
+          f"{c['compile']['kernels_s']:.2f} s; with the disk cache: {c['cache_load']['kernels_s']:.2f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")

@@ -24,6 +24,7 @@ from functools import lru_cache
 
 import torch
 
+from . import cpu_fused
 from .common import Packed, flat, lookup, say_once
 
 INT4_GROUPS = (256, 128, 64, 32)
@@ -38,12 +39,23 @@ def int4_group(in_features: int, group_size: int | None) -> int | None:
     return None
 
 
-def int4_scales_and_zeros(step: torch.Tensor, in_f: int, group_size, g: int, zero_mult: float, dtype) -> torch.Tensor:
+def int4_scales_and_zeros(step: torch.Tensor, in_f: int, group_size, g: int, zero_mult: float, dtype,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-group steps ``(out, n_groups)`` -> int4pack's ``(in/g, out, 2)`` [scale, zero] with zero = zero_mult*scale.
-    ``g`` divides our group, so each of our groups becomes ``group/g`` kernel groups with the same step."""
+    ``g`` divides our group, so each of our groups becomes ``group/g`` kernel groups with the same step. Written
+    into ``out`` when given; two strided writes instead of stack + transpose + copy + cast (a switch pays this per
+    layer)."""
+    n = in_f // g
     outer = in_f if group_size is None else group_size
-    s = step.repeat_interleave(outer // g, dim=1)[:, : in_f // g]
-    return torch.stack([s, s * zero_mult], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    if step.shape[1] == 1:  # per channel
+        s = step.expand(-1, n)
+    else:
+        s = (step if outer == g else step.repeat_interleave(outer // g, dim=1))[:, :n]
+    if out is None:
+        out = torch.empty(n, step.shape[0], 2, dtype=dtype, device=step.device)
+    out[..., 0] = s.t()
+    torch.mul(s.t(), zero_mult, out=out[..., 1])
+    return out
 
 
 def _blocked64(nib: torch.Tensor) -> torch.Tensor:
@@ -72,11 +84,24 @@ def pack_int4_cpu(nib: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(nib.to(torch.int32), 1)
 
 
+def int4_nibbles(q_master, master_bits, bits, kernel) -> torch.Tensor:
+    """Eager nibbles for the int4 kernel: ``q_l + 8`` (int4pack), or hi rows then lo rows (int4x2)."""
+    if kernel != "int4x2":
+        return lookup(q_master, master_bits, bits, "nib", torch.uint8)
+    out_f = q_master.shape[0]
+    nib = torch.empty(2 * out_f, q_master.shape[1], dtype=torch.uint8)
+    lookup(q_master, master_bits, bits, "hi", torch.uint8, out=nib[:out_f])
+    lookup(q_master, master_bits, bits, "lo", torch.uint8, out=nib[out_f:])
+    return nib
+
+
 def pack_int8(q_master, scale, master_bits, bits, dtype, device, kernel="int8pack") -> Packed:
     """``_weight_int8pack_mm`` on ``q_l * 2^d`` with the master's per-row step (CPU, and CUDA for ``cuda_int8``)."""
     d = master_bits - bits
     shared = d == 0 and q_master.dtype == torch.int8 and q_master.device == device
-    w8 = q_master if shared else lookup(q_master.to(device), master_bits, bits, "int8", torch.int8)
+    w8 = q_master if shared else cpu_fused.scaled_int8(q_master, master_bits, bits) if device.type == "cpu" else None
+    if w8 is None:  # not on CPU, or the fused path is off / unavailable
+        w8 = lookup(q_master.to(device), master_bits, bits, "int8", torch.int8)
     s = scale[:, 0].to(device=device, dtype=dtype).contiguous()  # master step; q_l*2^d carries the 2^d
     fn = flat(lambda x: torch.ops.aten._weight_int8pack_mm(x, w8, s))
     return Packed(kernel, bits, fn, (w8, s), (0 if shared else w8.numel()) + s.numel() * s.element_size())
@@ -86,18 +111,19 @@ def pack_int4(q_master, scale, master_bits, bits, group_size, dtype, kernel) -> 
     """``int4pack`` (nibbles ``q_l + 8``) or ``int4x2`` (hi/lo nibble halves, summed) for the CPU int4 kernel."""
     out_f, in_f = q_master.shape
     g = int4_group(in_f, group_size)
-    step = scale.float() * (2 ** (master_bits - bits))
     q_master = q_master.cpu()
-    if kernel == "int4x2":  # q_l = 16*hi + lo: rows [0, out) carry hi (step 16s), rows [out, 2out) carry lo (zero 8s)
-        nib = torch.empty(2 * out_f, in_f, dtype=torch.uint8)
-        lookup(q_master, master_bits, bits, "hi", torch.uint8, out=nib[:out_f])
-        lookup(q_master, master_bits, bits, "lo", torch.uint8, out=nib[out_f:])
-        sz = torch.cat([int4_scales_and_zeros(step * 16, in_f, group_size, g, 0.0, dtype),
-                        int4_scales_and_zeros(step, in_f, group_size, g, 8.0, dtype)], dim=1)
-    else:
-        nib = lookup(q_master, master_bits, bits, "nib", torch.uint8)
-        sz = int4_scales_and_zeros(step, in_f, group_size, g, 0.0, dtype)
-    w4 = pack_int4_cpu(nib)
+    sz = cpu_fused.int4_scales(scale, master_bits - bits, in_f, group_size, g, dtype, kernel)
+    if sz is None:
+        step = scale.float() * (2 ** (master_bits - bits))
+        if kernel == "int4x2":  # q_l = 16*hi + lo: rows [0, out) carry hi (step 16s), rows [out, 2out) lo (zero 8s)
+            sz = torch.empty(in_f // g, 2 * out_f, 2, dtype=dtype)
+            int4_scales_and_zeros(step * 16, in_f, group_size, g, 0.0, dtype, out=sz[:, :out_f])
+            int4_scales_and_zeros(step, in_f, group_size, g, 8.0, dtype, out=sz[:, out_f:])
+        else:
+            sz = int4_scales_and_zeros(step, in_f, group_size, g, 0.0, dtype)
+    w4 = cpu_fused.int4_blocked(q_master, master_bits, bits, kernel) if _blocked64_matches_torch() else None
+    if w4 is None:  # fused path off / unavailable, or out % 64 != 0
+        w4 = pack_int4_cpu(int4_nibbles(q_master, master_bits, bits, kernel))
     mm = torch.ops.aten._weight_int4pack_mm_for_cpu
     if kernel == "int4x2":
         fn = flat(lambda x: (lambda y: y[:, :out_f] + y[:, out_f:])(mm(x, w4, g, sz)))

@@ -211,7 +211,10 @@ def _consts(master_bits: int, bits: int, device, dtype) -> tuple[torch.Tensor, .
     if consts is None:
         d = master_bits - bits
         vals = (2.0**-d, qrange(master_bits)[0], *qrange(bits), 2.0**d)
-        consts = _CONSTS[key] = tuple(torch.tensor(float(v), device=device, dtype=dtype) for v in vals)
+        # outside inference mode: made during an evaluation (torch.inference_mode) they would be inference tensors,
+        # which autograd refuses to save, so every later training step would fail
+        with torch.inference_mode(False):
+            consts = _CONSTS[key] = tuple(torch.tensor(float(v), device=device, dtype=dtype) for v in vals)
     return consts
 
 

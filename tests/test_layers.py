@@ -76,3 +76,20 @@ def test_training_mode_and_freeze():
     layer.freeze()
     assert not layer.trainable and layer.weight is None and torch.equal(layer.master(), master)
     assert "weight" not in layer.state_dict()
+
+
+def test_trainable_layer_evaluated_in_inference_mode_still_trains(monkeypatch):
+    """An evaluation under torch.inference_mode (abs_llm.perplexity, a Trainer eval callback) before the first training
+    step must not leave inference tensors behind: the next backward would fail."""
+    monkeypatch.setattr(core, "_CONSTS", {})  # the per-width constants are made on first use: make it happen below
+    torch.manual_seed(0)
+    layer = SwitchableLinear.from_linear(nn.Linear(64, 16), group_size=32).to_trainable()
+    x = torch.randn(3, 64)
+    for bits in (8, 4):
+        layer.bits = bits
+        with torch.inference_mode():
+            want = layer(x)
+        out = layer(x)
+        out.sum().backward()
+        assert torch.equal(out.detach(), want)
+        assert layer.weight.grad is not None and layer.weight_scale.grad is not None

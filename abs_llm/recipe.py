@@ -4,7 +4,9 @@ Schema (every key optional except where noted; unknown keys are errors so a typo
 
     model: null                   # HF id or local path; null = the embedded SmolLM2-135M-Instruct
     init: null                    # optional switchable checkpoint the student starts from (e.g. a GPTQ master);
-                                  # ``model`` is then the float teacher and the tokenizer; ``quant`` must agree or be empty
+                                  # ``model`` is then the float teacher and the tokenizer; ``quant`` must agree or be empty.
+                                  # Or {method: gptq, calibration: lee, calib_tokens: 2048, ...}: make the GPTQ
+                                  # master of ``model`` here first (other keys: abs_llm.ptq.GPTQOptions fields)
     output_dir: outputs/qat
     data:
       source: lee                 # "lee" | "wiki" (embedded corpora) | a local .txt/.json/.jsonl file | a Hub dataset name
@@ -50,6 +52,7 @@ TOP_KEYS = {"model", "init", "output_dir", "data", "quant", "multibit", "train"}
 DATA_KEYS = {"source", "split", "docs", "text_field", "block_size", "config"}
 EMBEDDED = ("lee", "wiki")  # corpora of abs_llm.default_corpus
 QUANT_KEYS = {"candidate_bits", "master_bits", "group_size"}
+INIT_TEXT_KEYS = ("method", "calibration", "calib_docs")  # init: {method: gptq, ...}; other keys: GPTQOptions fields
 TRAIN_DEFAULTS = dict(max_steps=40, per_device_train_batch_size=2, learning_rate=1e-5, weight_decay=0.0,
                       lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_steps=20,
                       save_total_limit=2, report_to=[], seed=0, max_grad_norm=1.0)
@@ -83,6 +86,17 @@ def load_recipe(path: str | os.PathLike, max_steps: int | None = None, output_di
     recipe.setdefault("data", {})
     recipe.setdefault("quant", {})
     recipe["multibit"] = recipe.get("multibit") or {}
+    init = recipe.get("init")
+    if isinstance(init, dict) and init.get("method") == "gptq":
+        from .ptq import GPTQOptions
+
+        try:
+            GPTQOptions.make({k: v for k, v in init.items() if k not in INIT_TEXT_KEYS})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"recipe {path}: init: {e}") from None
+    elif init is not None and not isinstance(init, (str, os.PathLike)):
+        raise ValueError(f"recipe {path}: init must be a checkpoint path or a mapping with method: gptq (plus calibration, "
+                         f"calib_docs and GPTQ options such as calib_tokens), got {init!r}")
     return recipe
 
 
@@ -183,18 +197,29 @@ def build_trainer(recipe: dict, tokenizer=None):
     tok = source_tokenizer(path, tokenizer)
     data = recipe["data"]
     train_ds = pack_blocks(tok, load_texts(data), data.get("block_size", 256))  # data errors before the model loads
-    if recipe.get("init"):
-        model = load_init(recipe["init"], recipe["quant"])
+    init = recipe.get("init")
+    if init and not isinstance(init, dict):
+        model = load_init(init, recipe["quant"])
         teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() if mb.kd != "none" else None
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         teacher = copy.deepcopy(model).eval() if mb.kd != "none" else None
-        quantize(model, qcfg, trainable=True)
+        quantize(model, qcfg, trainable=True, **(gptq_init(init, tok) if init else {}))
     model.config.use_cache = False
     if mb.hasb and mb.hasb_traces is None and not getattr(model.config.quantization_config, "hessian_traces", None):
         mb.hasb_traces = estimate_traces(model, train_ds, seed=mb.hasb_seed)
     return MultiBitTrainer(model=model, args=args, multibit=mb, teacher=teacher, train_dataset=train_ds,
                            data_collator=default_data_collator, processing_class=tok)
+
+
+def gptq_init(init: dict, tokenizer) -> dict:
+    """``quantize`` arguments for ``init: {method: gptq, ...}``: the GPTQ master is chosen on the calibration text
+    (``lee`` = Lee train docs 0-224 unless ``calib_docs``), the rest of the mapping are ``GPTQOptions`` fields."""
+    from .data import calibration_texts
+
+    opts = {k: v for k, v in init.items() if k not in INIT_TEXT_KEYS}
+    return {"method": "gptq", "tokenizer": tokenizer, "gptq_options": opts,
+            "calibration": calibration_texts(init.get("calibration", "lee"), init.get("calib_docs"))}
 
 
 def load_init(init, quant: dict):

@@ -7,6 +7,8 @@ docs 0-224). The held-out split (docs 250-299) is only used with ``--split eval`
     python benchmarks/bench_qat.py qat --variant shipped --steps 12 --split val
     python benchmarks/bench_qat.py float_ft --steps 12 --split eval
     python benchmarks/bench_qat.py cost [--reps 3] [--fused]
+    python benchmarks/bench_qat.py ptq --init CKPT --tag START --split val      # a checkpoint's step-0 point
+    python benchmarks/bench_qat.py plot --tags A,B --fp 28.78 --png curves.png  # validation PPL per width vs step
 Each run prints one JSON line and appends it to ``--out`` (default outputs/bench_qat/results.jsonl).
 
 Tuning harness (issue 16, "QAT that keeps improving"): start from a switchable checkpoint (``--init``: the GPTQ or RTN
@@ -191,11 +193,60 @@ def run_float_ft(args):
 
 
 def run_ptq(args):
+    """FP and plain rounding of the default model, or (``--init CKPT``) a saved switchable checkpoint as it stands:
+    the step-0 point of the QAT runs that start from it (``plot`` draws it under every such run)."""
+    if args.init:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import abs_llm  # noqa: F401  (registers the double_rounding quantizer that reads the checkpoint)
+
+        model = AutoModelForCausalLM.from_pretrained(args.init)
+        return {**eval_model(model, AutoTokenizer.from_pretrained(args.init), args.split, args.max_chunks),
+                "init": args.init, "tag": args.tag}
     from abs_llm.data import load_default_model
 
     model, tok = load_default_model()
     return {**eval_model(model, tok, args.split, args.max_chunks),
             **eval_model(ptq(model), tok, args.split, args.max_chunks)}
+
+
+def plot_curves(results: str, tags: list[str], path: str, fp: float | None = None) -> None:
+    """Validation PPL per width against step, one panel per width and one line per run (``--tag``), from the
+    ``curve`` of each run's JSON line; a ``ptq --init`` line for the same checkpoint is the run's step 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(x) for x in Path(results).read_text().splitlines() if x.strip()]
+    runs = {r["tag"]: r for r in lines if r.get("what") == "qat" and r.get("tag") in tags and r.get("curve")}
+    starts = {r["init"]: r for r in lines if r.get("what") == "ptq" and r.get("init")}
+    missing = [t for t in tags if t not in runs]
+    if missing:
+        raise SystemExit(f"no qat run with a curve for tag(s) {missing} in {results}")
+    widths = sorted({k for r in runs.values() for p in r["curve"] for k in p if k.startswith("w")},
+                    key=lambda k: -int(k[1:]))
+    fig, axes = plt.subplots(1, len(widths), figsize=(3.2 * len(widths), 3.6), squeeze=False)
+    for ax, w in zip(axes[0], widths):
+        for tag in tags:
+            r = runs[tag]
+            pts = [(p["step"], p[w]) for p in r["curve"] if w in p]
+            start = starts.get(r.get("init"))
+            if start and w in start and all(s for s, _ in pts):
+                pts.insert(0, (0, start[w]))
+            knobs = ", ".join(x.split(".", 1)[1] for x in r.get("set") or [])  # the --set overrides name the run
+            ax.plot(*zip(*pts), marker="o", ms=3, label=f"{tag}: {knobs}" if knobs else tag)
+        if fp:
+            ax.axhline(fp, color="grey", lw=0.8, ls="--", label="FP")
+        ax.set_title(f"{w[1:]}-bit")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation PPL")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=7)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def run_cost(args):
@@ -212,7 +263,7 @@ def run_cost(args):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["ptq", "qat", "float_ft", "cost"])
+    p.add_argument("what", choices=["ptq", "qat", "float_ft", "cost", "plot"])
     p.add_argument("--variant", default="accum", choices=sorted(VARIANTS))
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--split", default="val", choices=["val", "eval", "both"])
@@ -229,7 +280,12 @@ def main():
     p.add_argument("--tag", default=None, help="qat: run name (output folder under --workdir)")
     p.add_argument("--workdir", default="outputs/bench_qat")
     p.add_argument("--out", default="outputs/bench_qat/results.jsonl")
+    p.add_argument("--tags", default="", help="plot: comma-separated run tags in --out")
+    p.add_argument("--fp", type=float, default=None, help="plot: the FP model's PPL on the split (a dashed line)")
+    p.add_argument("--png", default="outputs/bench_qat/val_curves.png", help="plot: output image")
     args = p.parse_args()
+    if args.what == "plot":
+        return plot_curves(args.out, [t for t in args.tags.split(",") if t], args.png, args.fp)
     torch.manual_seed(0)
     fn = {"ptq": run_ptq, "qat": run_qat, "float_ft": run_float_ft, "cost": run_cost}[args.what]
     t0 = time.perf_counter()

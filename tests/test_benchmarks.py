@@ -16,3 +16,35 @@ def test_bench_qat_step_smoke(tmp_path, monkeypatch):
     assert all(v > 0 for v in res["ratio_to_5_float"].values())
     assert (tmp_path / "r.jsonl").read_text().count("\n") == 1
     sys.modules.pop("bench_qat_step", None)
+
+
+def test_bench_qat_plot_draws_every_run_from_its_start(tmp_path, monkeypatch):
+    """``bench_qat.py plot``: one panel per width, one line per tagged run, the ``ptq --init`` line of the same
+    checkpoint as step 0; a tag with no curve is refused by name."""
+    import json
+
+    import pytest
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_qat
+
+    lines = [{"what": "ptq", "init": "M", "tag": "START", "w8": 30.0, "w4": 40.0},
+             {"what": "qat", "tag": "a", "init": "M", "set": ["train.learning_rate=3e-6"],
+              "curve": [{"step": 20, "w8": 29.0, "w4": 35.0}, {"step": 40, "w8": 28.9, "w4": 34.0}]},
+             {"what": "qat", "tag": "b", "init": None, "curve": [{"step": 20, "w8": 29.5, "w4": 36.0}]}]
+    res = tmp_path / "r.jsonl"
+    res.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    drawn = []  # (label, points) per line, panels in order 8-bit then 4-bit
+    import matplotlib.axes
+
+    orig = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: (
+        drawn.append((k.get("label"), list(zip(*a)))), orig(ax, *a, **k))[1])
+    bench_qat.plot_curves(str(res), ["a", "b"], str(tmp_path / "c.png"), fp=28.0)
+    assert (tmp_path / "c.png").stat().st_size > 0
+    assert drawn == [("a: learning_rate=3e-6", [(0, 30.0), (20, 29.0), (40, 28.9)]),  # the start, then the curve
+                     ("b", [(20, 29.5)]),  # no start line for its checkpoint
+                     ("a: learning_rate=3e-6", [(0, 40.0), (20, 35.0), (40, 34.0)]), ("b", [(20, 36.0)])]
+    with pytest.raises(SystemExit, match=r"\['c'\]"):
+        bench_qat.plot_curves(str(res), ["a", "c"], str(tmp_path / "c.png"))
+    sys.modules.pop("bench_qat", None)

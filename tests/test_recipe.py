@@ -123,21 +123,25 @@ def test_unreadable_dataset_names_the_file_and_the_root_cause(tmp_path, content,
     RELIABILITY["bad inputs tried"] += 1
 
 
-def test_gpu_recipe_runs_in_tiny_form(tiny_lm_dir, tmp_path):
-    """recipes/qat_smollm2_gpu.yaml as shipped (step per bit, ALRS, KD, eager fake quantization, cosine schedule,
-    data workers), with only the model, data and sizes shrunk: a GPU session finds no unknown key or broken knob."""
+@pytest.mark.parametrize("name", ["qat_smollm2_gpu.yaml", "qat_smollm2_cpu.yaml"])
+def test_shipped_recipe_runs_in_tiny_form(tiny_lm_dir, tmp_path, name):
+    """The shipped recipes as they are (GPTQ master first, step per bit, ALRS, KD, eager fake quantization, the GPU
+    one's cosine schedule and data workers), with only the model, data and sizes shrunk: a session finds no unknown
+    key or broken knob."""
     import yaml
 
     from abs_llm.recipe import train
 
-    r = yaml.safe_load((ROOT / "recipes" / "qat_smollm2_gpu.yaml").read_text())
+    r = yaml.safe_load((ROOT / "recipes" / name).read_text())
     tiny = yaml.safe_load(write_recipe(tmp_path, tiny_lm_dir).read_text())
     r.update(model=tiny["model"], quant=tiny["quant"])
+    assert r["init"]["method"] == "gptq"
+    r["init"].update(calibration=tiny["data"]["source"], calib_tokens=64, seq_len=16)
     r["data"] = {**r["data"], "source": tiny["data"]["source"], "docs": None, "block_size": 32}
     r["multibit"]["bits"] = tiny["quant"]["candidate_bits"]
     r["train"].update(max_steps=2, per_device_train_batch_size=2, warmup_steps=1, logging_steps=1, save_steps=2,
                       use_cpu=True)
-    path = tmp_path / "gpu_tiny.yaml"
+    path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(r))
     tr = train(path, output_dir=str(tmp_path / "out"), evaluate=False)
     assert tr.state.global_step == 2 and not tr.mb.fused  # eager: measured faster on an H200
@@ -162,3 +166,43 @@ def test_recipe_reads_the_wikipedia_sample():
 
     texts = load_texts({"source": "wiki", "split": "validation"})
     assert texts == default_corpus("validation", name="wiki") and len(texts) > 0
+
+
+def test_recipe_init_gptq_starts_from_the_gptq_master(tiny_lm_dir, tmp_path):
+    """``init: {method: gptq, ...}`` makes the GPTQ master of the float model first: the student's latent weights are
+    exactly the master that ``abs_llm.quantize(method="gptq")`` chooses on the same text, not plain rounding's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import abs_llm
+    from abs_llm import DoubleRoundingConfig
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(f"document {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(8)))
+    init = {"method": "gptq", "calibration": str(calib), "calib_tokens": 96, "seq_len": 32, "batch_size": 1}
+    path = write_recipe(tmp_path, tiny_lm_dir)
+    r = yaml.safe_load(path.read_text())
+    r["init"] = init
+    path.write_text(yaml.safe_dump(r))
+    tr = build_trainer(load_recipe(path, 1, str(tmp_path / "o")))
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32)
+    rtn = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32)
+    cfg = DoubleRoundingConfig(**r["quant"])
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    abs_llm.quantize(ref, cfg, trainable=True, method="gptq", tokenizer=tok, calibration=[calib.read_text()],
+                     gptq_options={k: v for k, v in init.items() if k not in ("method", "calibration")})
+    abs_llm.quantize(rtn, cfg, trainable=True)
+    got, want, plain = (switchable_layers(m) for m in (tr.model, ref, rtn))
+    assert set(got) == set(want)
+    assert all(torch.equal(got[n].weight, want[n].weight) for n in got)
+    assert any(not torch.equal(got[n].weight, plain[n].weight) for n in got)
+    tr.train()  # and it trains from there
+
+    for bad, msg in (({"method": "gptq", "calib_tokenz": 5}, "unknown gptq option"),
+                     ({"method": "awq"}, "init must be a checkpoint path or a mapping with method: gptq"),
+                     (3, "init must be a checkpoint path")):
+        r["init"] = bad
+        path.write_text(yaml.safe_dump(r))
+        with pytest.raises(ValueError, match=msg):
+            load_recipe(path)

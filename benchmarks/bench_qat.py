@@ -238,6 +238,9 @@ def plot_curves(results: str, tags: list[str], path: str, fp: float | None = Non
             ax.plot(*zip(*pts), marker="o", ms=3, label=f"{tag}: {knobs}" if knobs else tag)
         if fp:
             ax.axhline(fp, color="grey", lw=0.8, ls="--", label="FP")
+        ys = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
+        if ys and max(ys) > 20 * min(ys):  # 2 bits spans 1e7 -> 1e2: linear would flatten every later point
+            ax.set_yscale("log")
         ax.set_title(f"{w[1:]}-bit")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -272,10 +272,12 @@ def train(recipe_path, max_steps=None, output_dir=None, resume: bool | str = Tru
     """Run a recipe end to end. ``resume=True`` continues from the newest ``checkpoint-*`` in the output dir. The final
     checkpoint gets its own ``eval_results.json`` (PPL at every width) unless ``evaluate`` is False."""
     recipe = load_recipe(recipe_path, max_steps, output_dir)
-    trainer = build_trainer(recipe, tokenizer)
     ckpt = resume if isinstance(resume, str) else (last_checkpoint(recipe["output_dir"]) if resume else None)
     if ckpt:
         logger.warning("resuming from %s", ckpt)
+        if isinstance(recipe.get("init"), dict):  # the checkpoint replaces every latent weight and scale: no GPTQ
+            recipe = {**recipe, "init": None}
+    trainer = build_trainer(recipe, tokenizer)
     trainer.train(resume_from_checkpoint=ckpt)
     out = recipe["output_dir"]
     saved = trainer.save_switchable(out)  # under FSDP2 the gathered copy: trainer.model stays sharded

@@ -196,13 +196,10 @@ def run_ptq(args):
     """FP and plain rounding of the default model, or (``--init CKPT``) a saved switchable checkpoint as it stands:
     the step-0 point of the QAT runs that start from it (``plot`` draws it under every such run)."""
     if args.init:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from abs_llm.pipeline import load_checkpoint
 
-        import abs_llm  # noqa: F401  (registers the double_rounding quantizer that reads the checkpoint)
-
-        model = AutoModelForCausalLM.from_pretrained(args.init)
-        return {**eval_model(model, AutoTokenizer.from_pretrained(args.init), args.split, args.max_chunks),
-                "init": args.init, "tag": args.tag}
+        model, tok = load_checkpoint(args.init)
+        return {**eval_model(model, tok, args.split, args.max_chunks), "init": args.init, "tag": args.tag}
     from abs_llm.data import load_default_model
 
     model, tok = load_default_model()

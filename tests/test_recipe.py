@@ -199,6 +199,20 @@ def test_recipe_init_gptq_starts_from_the_gptq_master(tiny_lm_dir, tmp_path):
     assert any(not torch.equal(got[n].weight, plain[n].weight) for n in got)
     tr.train()  # and it trains from there
 
+    # resuming replaces every latent weight and scale from the Trainer checkpoint: GPTQ is not run again
+    import abs_llm.recipe as recipe_mod
+
+    out = tmp_path / "run"
+    recipe_mod.train(path, max_steps=2, output_dir=str(out), evaluate=False)
+    calls = []
+    real = recipe_mod.gptq_init
+    recipe_mod.gptq_init = lambda *a: calls.append(a) or real(*a)
+    try:
+        tr2 = recipe_mod.train(path, max_steps=3, output_dir=str(out), evaluate=False)
+    finally:
+        recipe_mod.gptq_init = real
+    assert not calls and tr2.state.global_step == 3
+
     for bad, msg in (({"method": "gptq", "calib_tokenz": 5}, "unknown gptq option"),
                      ({"method": "awq"}, "init must be a checkpoint path or a mapping with method: gptq"),
                      (3, "init must be a checkpoint path")):

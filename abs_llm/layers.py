@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 
 import torch
@@ -177,16 +178,33 @@ class SwitchableLinear(nn.Module):
             return p
         kernel = kernels.choose(self.out_features, self.in_features, self._bits, self.group_size, dtype, device,
                                 self._kernel)
+        cap = self.cache_bytes if self.cache_bytes is not None else CACHE_FACTOR * self.out_features * self.in_features
+        spare = self._make_room(kernels.packed_nbytes(kernel, self.out_features, self.in_features, self.group_size,
+                                                      dtype), kernel, cap)
         with torch.no_grad():
             p = kernels.pack_checked(self.master(), self.weight_scale, self.master_bits, self._bits, self.group_size,
-                                     dtype, device, kernel)
+                                     dtype, device, kernel, spare)
         self._cache[key] = p
-        cap = self.cache_bytes if self.cache_bytes is not None else CACHE_FACTOR * self.out_features * self.in_features
         while len(self._cache) > 1 and (
             len(self._cache) > max(self.cache_size, 1) or sum(e.nbytes for e in self._cache.values()) > cap
         ):
             self._cache.popitem(last=False)
         return p
+
+    def _make_room(self, need: int | None, kernel: str, cap) -> tuple:
+        """Evict now, before packing, what adding an entry of ``need`` bytes will evict anyway (same rule as after
+        packing), and return the tensors of one evicted entry of the same kernel that nobody else holds: the new
+        width is written into them, so a cold switch neither faults in fresh pages nor holds both widths at once."""
+        spare = ()
+        if need is None:
+            return spare
+        while self._cache and (len(self._cache) >= max(self.cache_size, 1)
+                               or sum(e.nbytes for e in self._cache.values()) + need > cap):
+            _, old = self._cache.popitem(last=False)
+            # 2 = `old` + getrefcount's argument: a Packed (or its fn) still held by a caller keeps its buffers
+            if not spare and old.kernel == kernel and sys.getrefcount(old) == 2 and sys.getrefcount(old.fn) == 2:
+                spare = old.tensors
+        return spare
 
 
     def prepare(self) -> kernels.Packed | None:

@@ -209,3 +209,56 @@ def test_constants_refuse_what_no_kernel_computes():
         cpu_fused.constants(8, 1, "int8")  # d = 7: the unsigned-offset rounding needs d <= 6
     with pytest.raises(ValueError, match="no fused kernel"):
         cpu_fused.constants(8, 4, "planes")
+
+
+def _layer(group_size, out_f=128, in_f=256):
+    torch.manual_seed(1)
+    m = SwitchableLinear(in_f, out_f, bias=False, group_size=group_size)
+    w = torch.randn(out_f, in_f)
+    s = core.init_scale(w, 8, group_size)
+    m.weight_scale.data = s
+    m.set_master(core.quantize_master(w, s, 8, group_size))
+    return m
+
+
+@needs_numba
+def test_cold_switch_writes_the_new_width_into_the_evicted_one():
+    """Group-64 widths 8 and 6 both run int4x2 (one master's worth of bytes each) and the cache cap holds one of
+    them: switching 8 -> 6 reuses the 8-bit buffers (no fresh pages, never both at once) and computes exactly what
+    a fresh layer does."""
+    m, x = _layer(64), torch.randn(3, 256, dtype=torch.bfloat16)
+    m.bits = 8
+    m(x)
+    ptrs = [t.data_ptr() for t in m.packed(x.dtype, x.device).tensors]
+    m.bits = 6
+    y = m(x)
+    p6 = m.packed(x.dtype, x.device)
+    assert p6.kernel == "int4x2" and [t.data_ptr() for t in p6.tensors] == ptrs
+    assert [k[0] for k in m._cache] == [6]
+    fresh = _layer(64)
+    fresh.bits = 6
+    assert torch.equal(y, fresh(x))
+
+
+@needs_numba
+def test_a_pack_someone_holds_is_never_overwritten():
+    m, x = _layer(64), torch.randn(3, 256, dtype=torch.bfloat16)
+    m.bits = 8
+    y8 = m(x)
+    held = m.packed(x.dtype, x.device)
+    m.bits = 6
+    m(x)
+    assert m.packed(x.dtype, x.device).tensors[0].data_ptr() != held.tensors[0].data_ptr()
+    assert torch.equal(held(x, None), y8)
+
+
+@pytest.mark.parametrize("kernel,group_size,shape", [("int4pack", None, (64, 96)), ("int4pack", 64, (128, 256)),
+                                                     ("int4x2", 64, (128, 256)), ("int4x2", 128, (64, 384))])
+def test_packed_nbytes_is_what_packing_holds(kernel, group_size, shape):
+    from abs_llm.kernels import packed_nbytes
+
+    q = master(*shape, 8)
+    scale = torch.rand(shape[0], 1 if group_size is None else shape[1] // group_size) + 0.5
+    for bits in (4, 2) if kernel == "int4pack" else (8, 6):
+        p = cpu.pack_int4(q, scale, 8, bits, group_size, torch.bfloat16, kernel)
+        assert p.nbytes == packed_nbytes(kernel, *shape, group_size, torch.bfloat16)

@@ -5,7 +5,8 @@ See docs/architecture.md ("Kernels") for the table of kernels and the traps they
 
 from .common import Packed, lookup
 from .cpu import INT4_GROUPS, int4_group, pack_int4_cpu
-from .dispatch import KERNELS, check_kernel, choose, pack, pack_checked, requirements
+from .dispatch import (KERNELS, check_kernel, choose, pack, pack_checked, packed_nbytes,
+                       requirements)
 
 __all__ = ["KERNELS", "INT4_GROUPS", "Packed", "check_kernel", "choose", "int4_group", "lookup", "pack", "pack_checked",
-           "pack_int4_cpu", "requirements"]
+           "pack_int4_cpu", "packed_nbytes", "requirements"]

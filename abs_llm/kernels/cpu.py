@@ -107,12 +107,20 @@ def pack_int8(q_master, scale, master_bits, bits, dtype, device, kernel="int8pac
     return Packed(kernel, bits, fn, (w8, s), (0 if shared else w8.numel()) + s.numel() * s.element_size())
 
 
-def pack_int4(q_master, scale, master_bits, bits, group_size, dtype, kernel) -> Packed:
-    """``int4pack`` (nibbles ``q_l + 8``) or ``int4x2`` (hi/lo nibble halves, summed) for the CPU int4 kernel."""
+def int4_nbytes(out_f, in_f, group_size, dtype, kernel) -> int:
+    """Bytes of what :func:`pack_int4` returns (its ``Packed.nbytes``): the same at every width."""
+    planes = 2 if kernel == "int4x2" else 1
+    return planes * out_f * in_f // 2 + (in_f // int4_group(in_f, group_size)) * planes * out_f * 2 * dtype.itemsize
+
+
+def pack_int4(q_master, scale, master_bits, bits, group_size, dtype, kernel, spare=()) -> Packed:
+    """``int4pack`` (nibbles ``q_l + 8``) or ``int4x2`` (hi/lo nibble halves, summed) for the CPU int4 kernel.
+    ``spare``: the tensors of an evicted pack of the same layout, overwritten when they fit (fused path only)."""
     out_f, in_f = q_master.shape
     g = int4_group(in_f, group_size)
     q_master = q_master.cpu()
-    sz = cpu_fused.int4_scales(scale, master_bits - bits, in_f, group_size, g, dtype, kernel)
+    spare_w4, spare_sz = tuple(spare) if len(spare) == 2 else (None, None)
+    sz = cpu_fused.int4_scales(scale, master_bits - bits, in_f, group_size, g, dtype, kernel, spare_sz)
     if sz is None:
         step = scale.float() * (2 ** (master_bits - bits))
         if kernel == "int4x2":  # q_l = 16*hi + lo: rows [0, out) carry hi (step 16s), rows [out, 2out) lo (zero 8s)
@@ -121,7 +129,7 @@ def pack_int4(q_master, scale, master_bits, bits, group_size, dtype, kernel) -> 
             int4_scales_and_zeros(step, in_f, group_size, g, 8.0, dtype, out=sz[:, out_f:])
         else:
             sz = int4_scales_and_zeros(step, in_f, group_size, g, 0.0, dtype)
-    w4 = cpu_fused.int4_blocked(q_master, master_bits, bits, kernel) if _blocked64_matches_torch() else None
+    w4 = cpu_fused.int4_blocked(q_master, master_bits, bits, kernel, spare_w4) if _blocked64_matches_torch() else None
     if w4 is None:  # fused path off / unavailable, or out % 64 != 0
         w4 = pack_int4_cpu(int4_nibbles(q_master, master_bits, bits, kernel))
     mm = torch.ops.aten._weight_int4pack_mm_for_cpu

@@ -26,6 +26,7 @@ cached on disk by numba (``NUMBA_CACHE_DIR`` moves the cache). ``ABS_LLM_FUSED=0
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from functools import cache
@@ -80,6 +81,7 @@ def _build(d: int, layout: str):
     u8 = np.uint8
     d, half, parity = u8(d), u8((2**d - 1) >> 1), u8(1 if d else 0)
     f15, four, flip = u8(15), u8(4), u8(128)
+    sh16, sh32, sh48 = np.uint64(16), np.uint64(32), np.uint64(48)
 
     # explicit signatures: compile (or load from the cache) now, inside kernel()'s try, not at the first call
     if layout == "int8":
@@ -97,12 +99,11 @@ def _build(d: int, layout: str):
         # q (n, k) master bytes, n % 64 == 0; out (planes * n // 64, k, 32): in block b, byte j of column i holds the
         # nibble of row 64b + j (low) and of row 64b + j + 32 (high); int4x2 (planes 2) writes the hi blocks, then
         # the lo blocks. Per block of 64 rows: derive (one contiguous pass over the master), then the byte transpose
-        # in widening steps (2, 4, 8 rows per word), each a contiguous loop over cache-resident rows.
+        # in widening steps (2 output bytes per uint16, then 8 per uint64), each a contiguous loop over cache-resident rows.
         n, k = q.shape
         nb = n // 64
         v = np.empty((64, k), np.uint8)  # the block's rows derived: q_l + 8 (mod 16), or q_l + 128 for int4x2
         t1 = np.empty((16, k), np.uint16)
-        t2 = np.empty((8, k), np.uint32)
         t3 = np.empty((4, k), np.uint64)
         for b in range(nb):
             for j in range(64):
@@ -121,14 +122,11 @@ def _build(d: int, layout: str):
                         for i in range(k):
                             row[i] = (np.uint16((a0[i] & f15) | ((a1[i] & f15) << four))
                                       | (np.uint16((c0[i] & f15) | ((c1[i] & f15) << four)) << np.uint16(8)))
-                for p in range(8):
-                    x, y, row2 = t1[2 * p], t1[2 * p + 1], t2[p]
+                for p in range(4):  # 4 rows of uint16 into one of uint64 (a uint32 step between: ~25% slower)
+                    x0, x1, x2, x3, row3 = t1[4 * p], t1[4 * p + 1], t1[4 * p + 2], t1[4 * p + 3], t3[p]
                     for i in range(k):
-                        row2[i] = np.uint32(x[i]) | (np.uint32(y[i]) << np.uint32(16))
-                for p in range(4):
-                    x2, y2, row3 = t2[2 * p], t2[2 * p + 1], t3[p]
-                    for i in range(k):
-                        row3[i] = np.uint64(x2[i]) | (np.uint64(y2[i]) << np.uint64(32))
+                        row3[i] = (np.uint64(x0[i]) | (np.uint64(x1[i]) << sh16) | (np.uint64(x2[i]) << sh32)
+                                   | (np.uint64(x3[i]) << sh48))
                 o = out[b + h * nb].view(np.uint64)  # (k, 4): 8 bytes = 8 consecutive j
                 for i in range(k):
                     o[i, 0] = t3[0, i]
@@ -223,10 +221,22 @@ def scaled_int8(q_master: torch.Tensor, master_bits: int, bits: int) -> torch.Te
     return out
 
 
-def int4_blocked(q_master: torch.Tensor, master_bits: int, bits: int, kernel_name: str) -> torch.Tensor | None:
+def _into(spare: torch.Tensor | None, shape, dtype) -> torch.Tensor:
+    """``spare`` viewed as ``shape`` when it is a contiguous CPU tensor of that dtype and size, else a new tensor.
+    Writing into the buffers of an evicted width skips the page faults of fresh memory: for a layout as large as the
+    master (int4x2) they cost about half as much again as the kernel itself."""
+    if (spare is not None and spare.dtype == dtype and spare.device.type == "cpu" and spare.is_contiguous()
+            and spare.numel() == math.prod(shape)):
+        return spare.view(shape)
+    return torch.empty(shape, dtype=dtype)
+
+
+def int4_blocked(q_master: torch.Tensor, master_bits: int, bits: int, kernel_name: str,
+                 spare: torch.Tensor | None = None) -> torch.Tensor | None:
     """The packed weight of ``_weight_int4pack_mm_for_cpu`` in the ``_blocked64`` layout: the nibbles ``q_l + 8``
     (``int4pack``), or for ``int4x2`` the hi nibbles of every row followed by the lo nibbles (``2 * out`` rows).
-    ``None``: use the eager path (fused path off or unavailable, or ``out % 64 != 0``)."""
+    Written into ``spare`` when it fits (see :func:`_into`). ``None``: use the eager path (fused path off or
+    unavailable, or ``out % 64 != 0``)."""
     n, k = q_master.shape
     if q_master.device.type != "cpu" or q_master.dtype != torch.int8 or n % 64 or k % 2 or n == 0:
         return None
@@ -235,7 +245,7 @@ def int4_blocked(q_master: torch.Tensor, master_bits: int, bits: int, kernel_nam
     if fn is None:
         return None
     planes = c["planes"]
-    out = torch.empty(planes * n // 64, k, 32, dtype=torch.uint8)
+    out = _into(spare, (planes * n // 64, k, 32), torch.uint8)
     try:
         fn(_bytes(q_master), c["umax"], c["off"], planes, out.numpy())
     except Exception as e:
@@ -253,16 +263,18 @@ def _scale_factors(d: int, x2: bool) -> tuple[np.ndarray, np.ndarray]:
     return np.array([d], np.int64), np.array([-1], np.int64)
 
 
-def int4_scales(scale: torch.Tensor, d: int, in_f: int, group_size, g: int, dtype, kernel_name: str):
+def int4_scales(scale: torch.Tensor, d: int, in_f: int, group_size, g: int, dtype, kernel_name: str,
+                spare: torch.Tensor | None = None):
     """``_weight_int4pack_mm_for_cpu``'s bf16 scales and zeros ``(in/g, rows, 2)`` (what
-    :func:`.cpu.int4_scales_and_zeros` builds; for int4x2 both halves) in one pass; ``None``: use the eager path."""
+    :func:`.cpu.int4_scales_and_zeros` builds; for int4x2 both halves) in one pass, into ``spare`` when it fits;
+    ``None``: use the eager path."""
     if scale.device.type != "cpu" or scale.dtype != torch.float32 or dtype != torch.bfloat16:
         return None
     fn = kernel(0, "scales")
     if fn is None:
         return None
     mults, zeros = _scale_factors(d, kernel_name == "int4x2")
-    out = torch.empty(in_f // g, len(mults) * scale.shape[0], 2, dtype=torch.bfloat16)
+    out = _into(spare, (in_f // g, len(mults) * scale.shape[0], 2), torch.bfloat16)
     try:
         ok = fn(scale.detach().contiguous().numpy(), (in_f if group_size is None else group_size) // g, mults, zeros,
                 out.view(torch.uint16).numpy())

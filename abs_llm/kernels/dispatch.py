@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import core
 from .common import Packed, say_once
-from .cpu import INT4_GROUPS, int4_group, pack_int4, pack_int8
+from .cpu import INT4_GROUPS, int4_group, int4_nbytes, pack_int4, pack_int8
 from .cuda import pack_cuda_int4, pack_cuda_int8
 
 KERNELS = ("auto", "dequant", "int8pack", "int4pack", "int4x2", "cuda_int4", "cuda_int8", "triton")
@@ -103,9 +103,19 @@ def choose(out_f, in_f, bits, group_size, dtype, device, kernel="auto") -> str:
     return "dequant"
 
 
-def pack(q_master, scale, master_bits, bits, group_size, dtype, device, kernel) -> Packed:
+def packed_nbytes(kernel, out_f, in_f, group_size, dtype) -> int | None:
+    """``Packed.nbytes`` of ``kernel`` for this layer when it is the same at every width (``None``: it is not, or
+    not known before packing): what a layer's cache must make room for before packing, so that it can hand the
+    evicted buffers to :func:`pack` as ``spare``."""
+    if kernel in ("int4pack", "int4x2"):
+        return int4_nbytes(out_f, in_f, group_size, dtype, kernel)
+    return None
+
+
+def pack(q_master, scale, master_bits, bits, group_size, dtype, device, kernel, spare=()) -> Packed:
     """Derive ``bits`` from the master and prepare it for ``kernel`` (already chosen by :func:`choose`).
-    ``q_master`` is the unpacked int8 master ``(out, in)``."""
+    ``q_master`` is the unpacked int8 master ``(out, in)``. ``spare``: the tensors of an evicted pack of the same
+    kernel that nothing else references; a CPU int4 pack writes into them instead of allocating."""
     device = torch.device(device)
     if kernel == "dequant":
         w = core.derived_weight(q_master.to(device), scale.to(device), master_bits, bits, group_size, dtype)
@@ -114,7 +124,7 @@ def pack(q_master, scale, master_bits, bits, group_size, dtype, device, kernel) 
     if kernel == "int8pack":
         return pack_int8(q_master, scale, master_bits, bits, dtype, device)
     if kernel in ("int4pack", "int4x2"):
-        return pack_int4(q_master, scale, master_bits, bits, group_size, dtype, kernel)
+        return pack_int4(q_master, scale, master_bits, bits, group_size, dtype, kernel, spare)
     if kernel == "cuda_int8":
         return pack_cuda_int8(q_master, scale, master_bits, bits, dtype, device)
     if kernel == "cuda_int4":
@@ -126,11 +136,11 @@ def pack(q_master, scale, master_bits, bits, group_size, dtype, device, kernel) 
     raise ValueError(f"no packer for kernel {kernel!r}")
 
 
-def pack_checked(q_master, scale, master_bits, bits, group_size, dtype, device, kernel) -> Packed:
+def pack_checked(q_master, scale, master_bits, bits, group_size, dtype, device, kernel, spare=()) -> Packed:
     """:func:`pack`, falling back to ``dequant`` if packing raises; CUDA packs are also checked against dequant
     (the ``triton`` kernel inside :func:`pack`, once per width and shape)."""
     try:
-        p = pack(q_master, scale, master_bits, bits, group_size, dtype, device, kernel)
+        p = pack(q_master, scale, master_bits, bits, group_size, dtype, device, kernel, spare)
         if kernel.startswith("cuda_"):
             ref = pack(q_master, scale, master_bits, bits, group_size, dtype, device, "dequant")
             x = torch.randn(2, q_master.shape[1], dtype=dtype, device=device)

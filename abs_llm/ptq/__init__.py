@@ -17,8 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import core
-from .calibration import HessianCollector, calibration_windows, capture_inputs, find_blocks, run_block
-from .gptq import SolverOptions, solve
+from .calibration import HessianCollector, calibration_windows, capture_inputs, cross_stats, find_blocks, run_block
+from .gptq import SolverOptions, asymmetric_target, solve
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ class GPTQOptions(SolverOptions):
         ``0``: the float weights, i.e. every layer is calibrated on the float model's activations).
     true_sequential: re-collect the Hessians inside a block after each group of layers (q/k/v, o, gate/up, down) is
         quantized (one extra block pass per group), instead of once per block.
+    asymmetric: each width below the master (with a positive weight) aims at the float model's output *given the
+        inputs the model quantized at that width sees*, not at the float weights (:func:`.gptq.asymmetric_target`):
+        one more block pass per such width and one for the float model, per block.
     """
 
     bit_weights: dict | None = None
@@ -65,6 +68,12 @@ class GPTQOptions(SolverOptions):
     batch_size: int = 4
     propagate_bits: int | None = None
     true_sequential: bool = False
+    asymmetric: bool = False
+
+    def check(self) -> None:
+        super().check()
+        if self.asymmetric and (self.true_sequential or self.feedback != "per_width"):
+            raise ValueError("asymmetric=True needs true_sequential=False and feedback='per_width'")
 
     @classmethod
     def make(cls, options) -> "GPTQOptions":
@@ -126,13 +135,16 @@ def gptq_masters(model: nn.Module, config, targets: list[str], calibration, toke
     stats: dict = {}
     was_training = model.training
     model.eval()
+    asym = [k for k, b in enumerate(bits) if opts.asymmetric and b < config.master_bits and weights[k] > 0]
     try:
         batches = capture_inputs(model, blocks[0], windows, opts.batch_size)
+        float_batches, streams = batches, {k: batches for k in asym}  # the float model's and each width's inputs
         bar = tqdm(range(len(blocks)), desc="gptq", unit="block", disable=not progress)
         for i in bar:
             block = blocks[i]
             names = [t for t in targets if t.startswith(f"{prefix}.{i}.")]
             todo = {n[len(f"{prefix}.{i}.") :]: block.get_submodule(n[len(f"{prefix}.{i}.") :]) for n in names}
+            local = list(todo)
             while todo:
                 with HessianCollector(todo) as hc:
                     run_block(block, batches)
@@ -142,10 +154,14 @@ def gptq_masters(model: nn.Module, config, targets: list[str], calibration, toke
                                      "list them in modules_to_not_convert or use method='rtn'")
                 groups = hc.groups()[:1] if opts.true_sequential else hc.groups()
                 bar.set_postfix_str(", ".join("+".join(m.rsplit(".", 1)[-1] for m in g) for g, _ in groups))
-                for (members, _), res in zip(groups, _solve_groups(block, groups, config, bits, weights, opts)):
+                goals = _asymmetric_targets(block, groups, float_batches, streams, len(bits), opts.damp) if asym else None
+                for (members, _), res in zip(groups, _solve_groups(block, groups, config, bits, weights, opts, goals)):
                     _apply(block, members, res, config, bits, prop, originals, f"{prefix}.{i}.", masters, stats)
                     for m in members:
                         todo.pop(m)
+            if asym:
+                float_batches, streams = _next_streams(block, local, f"{prefix}.{i}.", masters, originals, config, bits,
+                                                       float_batches, streams)
             batches = run_block(block, batches)
     finally:
         for name, w in originals.items():
@@ -157,30 +173,68 @@ def gptq_masters(model: nn.Module, config, targets: list[str], calibration, toke
     return masters
 
 
-def _solve_groups(block, groups, config, bits, weights, opts) -> list:
+def _asymmetric_targets(block, groups, float_batches, streams, n_bits, damp) -> list[torch.Tensor]:
+    """Per layer group, ``(widths, out, in)``: the float weights, and for each width with a stream the weights that
+    map that stream's inputs onto the float model's outputs (:func:`.gptq.asymmetric_target`)."""
+    owners = {members[0]: block.get_submodule(members[0]) for members, _ in groups}
+    stats = cross_stats(block, owners, float_batches, streams)
+    out = []
+    for members, _ in groups:
+        w = torch.cat([block.get_submodule(m).weight.detach().float() for m in members])
+        t = w.unsqueeze(0).repeat(n_bits, 1, 1)
+        for k in streams:
+            C, Hq = stats[(members[0], k)]
+            t[k] = asymmetric_target(w, C, Hq, damp)
+        out.append(t)
+    return out
+
+
+def _next_streams(block, local, prefix, masters, originals, config, bits, float_batches, streams):
+    """The next block's inputs of the float model and of the model at each stream's width."""
+    mods = {n: block.get_submodule(n) for n in local}
+    current = {n: m.weight.data for n, m in mods.items()}
+    try:
+        for n, m in mods.items():
+            m.weight.data = originals.get(prefix + n, current[n])
+        float_next = run_block(block, float_batches)
+        nxt = {}
+        for k, batches in streams.items():
+            for n, m in mods.items():
+                q, s = masters[prefix + n]
+                m.weight.data = core.derived_weight(q, s, config.master_bits, bits[k], config.group_size).to(
+                    current[n].dtype)
+            nxt[k] = run_block(block, batches)
+    finally:
+        for n, m in mods.items():
+            m.weight.data = current[n]
+    return float_next, nxt
+
+
+def _solve_groups(block, groups, config, bits, weights, opts, goals=None) -> list:
     """Solve the layer groups of one block (independent given their Hessians) on a pool of ``torch.get_num_threads()``
     Python threads with one intra-op thread each: the column loop is thousands of small ops, which one thread runs
     faster than two, so the cores are better used one group each (the ops release the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(group):
-        members, H = group
+    def one(k):
+        members, H = groups[k]
         mods = [block.get_submodule(m) for m in members]
         w = torch.cat([m.weight.detach().float() for m in mods])
         bounds = [0, *torch.tensor([m.out_features for m in mods]).cumsum(0).tolist()]
         rows = list(zip(bounds[:-1], bounds[1:]))
-        return solve(w, H, config.master_bits, bits, weights, config.group_size, opts.solver(), rows), rows
+        goal = None if goals is None else goals[k]
+        return solve(w, H, config.master_bits, bits, weights, config.group_size, opts.solver(), rows, goal), rows
 
     threads = torch.get_num_threads()
     workers = max(1, min(threads, len(groups)))
     if workers == 1:
-        return [one(g) for g in groups]
+        return [one(k) for k in range(len(groups))]
     torch.set_num_threads(1)
     try:
         # largest first, so the pool ends together (gate+up is a third of a Llama block)
         order = sorted(range(len(groups)), key=lambda k: -sum(block.get_submodule(m).weight.numel() for m in groups[k][0]))
         with ThreadPoolExecutor(workers) as pool:
-            futures = {k: pool.submit(one, groups[k]) for k in order}
+            futures = {k: pool.submit(one, k) for k in order}
             return [futures[k].result() for k in range(len(groups))]
     finally:
         torch.set_num_threads(threads)

@@ -150,3 +150,48 @@ class HessianCollector:
             members = [n for n in self.order if self.owner[n] == name]
             out.append((members, self.sums[name] * (2.0 / max(self.count[name], 1))))
         return out
+
+
+@torch.no_grad()
+def cross_stats(block: nn.Module, owners: dict[str, nn.Module], float_batches, streams: dict) -> dict:
+    """``{(owner, key): (C, H_q)}`` for each layer in ``owners`` (one per group sharing an input) and each quantized
+    stream ``streams[key]`` (block inputs of the model quantized at one width): ``C = 2 X^T X_q / N`` and
+    ``H_q = 2 X_q^T X_q / N``, ``X`` the layer's inputs when ``float_batches`` run through the block, ``X_q`` when
+    the stream does (the same tokens, row for row). The block's weights are whatever it holds now."""
+    seen: dict[str, list] = {n: [] for n in owners}
+
+    def record(name):
+        return lambda m, inputs, out: seen[name].append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float())
+
+    handles = [m.register_forward_hook(record(n)) for n, m in owners.items()]
+    try:
+        run_block(block, float_batches)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for key, batches in streams.items():
+        sums = {n: {"C": 0, "H": 0, "tokens": 0, "calls": 0} for n in owners}
+
+        def accumulate(name):
+            def fn(m, inputs, output):
+                xq = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+                acc = sums[name]
+                x = seen[name][acc["calls"]]
+                acc["C"] = acc["C"] + x.t() @ xq
+                acc["H"] = acc["H"] + xq.t() @ xq
+                acc["tokens"] += xq.shape[0]
+                acc["calls"] += 1
+
+            return fn
+
+        handles = [m.register_forward_hook(accumulate(n)) for n, m in owners.items()]
+        try:
+            run_block(block, batches)
+        finally:
+            for h in handles:
+                h.remove()
+        for n, acc in sums.items():
+            f = 2.0 / max(acc["tokens"], 1)
+            out[(n, key)] = (acc["C"] * f, acc["H"] * f)
+    return out

@@ -101,10 +101,12 @@ def rtn_master(w: torch.Tensor, scale: torch.Tensor, master_bits: int, group_siz
 
 
 def width_errors(w, q, scale, H, master_bits, bits, group_size) -> torch.Tensor:
-    """Per-row output error at every width: ``(B, out)`` with ``[b, r] = (W - W_b)_r H (W - W_b)_r^T``."""
+    """Per-row output error at every width: ``(B, out)`` with ``[b, r] = (W - W_b)_r H (W - W_b)_r^T``. ``w`` is
+    ``(out, in)``, or ``(B, out, in)``: one target per width (see :func:`solve`'s ``targets``)."""
     wd = _Widths(master_bits, bits, w.device)
-    s = core.expand_scale(scale.float(), w.shape[1], group_size)
-    e = w.float().unsqueeze(0) - wd.derive(q.float().transpose(0, 1), s.transpose(0, 1)).permute(1, 2, 0)
+    s = core.expand_scale(scale.float(), w.shape[-1], group_size)
+    e = (w.float() if w.dim() == 3 else w.float().unsqueeze(0)) - wd.derive(
+        q.float().transpose(0, 1), s.transpose(0, 1)).permute(1, 2, 0)
     return ((e @ H) * e).sum(-1)
 
 
@@ -182,6 +184,20 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("the layer Hessian is not positive definite even with 1e5x damping; check the calibration data")
 
 
+def asymmetric_target(w, C, H_q, damp: float) -> torch.Tensor:
+    """The weight ``W*`` to quantize towards when the inputs carry the error of earlier quantized layers (GPTAQ, Li et
+    al. 2025, "asymmetric calibration"). With ``X`` the float model's inputs of a layer and ``X_q`` those of the model
+    quantized at one width (rows = tokens), ``C = X^T X_q`` and ``H_q = X_q^T X_q``: ``W*`` minimises
+    ``|X W^T - X_q W*^T|^2 + lam |W* - W|^2``, i.e. ``W* = W (C + lam I)(H_q + lam I)^-1 = W + W (C - H_q)(H_q +
+    lam I)^-1`` with ``lam = damp * mean(diag H_q)``; then ``|X W^T - X_q Q^T|^2 = const + tr((W* - Q) H_q (W* -
+    Q)^T)`` (exact for ``lam -> 0``). The ridge pulls towards ``W``, not 0: with unchanged inputs ``W* = W``."""
+    Hd = H_q.double().clone()
+    Hd.diagonal().add_(damp * Hd.diagonal().mean().clamp(min=1e-12))
+    w64 = w.double()
+    delta = torch.linalg.solve(Hd, (w64 @ (C.double() - H_q.double())).t()).t()  # Hd symmetric: (W (C - H_q) Hd^-1)
+    return (w64 + delta).to(w.dtype)
+
+
 def layer_weights(rtn_err, bit_weights, rows, normalize) -> torch.Tensor:
     """``lam`` (B, out): the per-width weights, divided by each row block's (= one original layer's) error under the
     abs-max Double Rounding master (``rtn_err``, (B, out)) when ``normalize``."""
@@ -194,13 +210,20 @@ def layer_weights(rtn_err, bit_weights, rows, normalize) -> torch.Tensor:
     return lam
 
 
-def solve(w, H, master_bits, bits, bit_weights, group_size, opts: SolverOptions | None = None, rows=None):
+def solve(w, H, master_bits, bits, bit_weights, group_size, opts: SolverOptions | None = None, rows=None,
+          targets=None):
     """One master for ``w`` (out, in) given its Hessian ``H`` (in, in). ``rows``: ``[(r0, r1), ...]`` row blocks that
-    are separate layers sharing these inputs (q/k/v, gate/up), normalised separately. Returns ``(q int8 (out, in),
-    scale float32 (out, n_groups), info)``; ``info`` holds per-width errors ``J_b`` of the result and of rounding."""
+    are separate layers sharing these inputs (q/k/v, gate/up), normalised separately. ``targets`` (B, out, in): what
+    each width's weights should approach instead of ``w`` (``feedback="per_width"`` only; scales still fit ``w``),
+    e.g. the least-squares correction for the error of the inputs at that width (:func:`asymmetric_target`).
+    Returns ``(q int8 (out, in), scale float32 (out, n_groups), info)``; ``info`` holds per-width errors ``J_b`` of
+    the result and of rounding (against ``targets`` when given)."""
     opts = opts or SolverOptions()
     opts.check()
+    if targets is not None and (opts.feedback != "per_width" or targets.shape != (len(bits), *w.shape)):
+        raise ValueError(f"targets must be (widths, out, in) = {(len(bits), *w.shape)} with feedback='per_width'")
     w = w.detach().float()
+    goal = w if targets is None else targets.detach().float()
     out, n = w.shape
     H = H.detach().float()
     rows = rows or [(0, out)]
@@ -212,7 +235,7 @@ def solve(w, H, master_bits, bits, bit_weights, group_size, opts: SolverOptions 
     Hd.diagonal().add_(opts.damp * Hd.diagonal().mean())
     scale0 = core.init_scale(w, master_bits, group_size)
     rtn_q = rtn_master(w, scale0, master_bits, group_size)
-    info = {"rtn": width_errors(w, rtn_q, scale0, H, master_bits, bits, group_size)}  # J's own H: undamped
+    info = {"rtn": width_errors(goal, rtn_q, scale0, H, master_bits, bits, group_size)}  # J's own H: undamped
     lam = layer_weights(info["rtn"], bit_weights, rows, opts.normalize)
     scale = search_scale(w, Hd.diagonal(), lam, wd, group_size, opts.clip_grid)
 
@@ -221,8 +244,11 @@ def solve(w, H, master_bits, bits, bit_weights, group_size, opts: SolverOptions 
     U = _inverse_cholesky(Hp, 0.0)  # damping already applied; the retry adds more only if needed
     s_cols = core.expand_scale(scale, n, group_size)[:, perm].t().contiguous()  # (n, out)
     per_width = opts.feedback == "per_width"
-    target = w[:, perm].t().contiguous()  # (n, out): column j is contiguous
-    target = target.unsqueeze(0).repeat(len(bits), 1, 1) if per_width else target.unsqueeze(0)
+    if targets is not None:
+        target = goal[:, :, perm].transpose(1, 2).contiguous()  # (B, n, out)
+    else:
+        target = w[:, perm].t().contiguous()  # (n, out): column j is contiguous
+        target = target.unsqueeze(0).repeat(len(bits), 1, 1) if per_width else target.unsqueeze(0)
     lam_sum = lam.sum(0)
     hdiag = Hp.diagonal()
     mode = "all" if opts.candidates == "all" or master_bits <= 4 else "local"
@@ -258,7 +284,7 @@ def solve(w, H, master_bits, bits, bit_weights, group_size, opts: SolverOptions 
     q_out = torch.empty(out, n)
     q_out[:, perm] = q.t()
 
-    info["gptq"] = width_errors(w, q_out, scale, H, master_bits, bits, group_size)
+    info["gptq"] = width_errors(goal, q_out, scale, H, master_bits, bits, group_size)
     worse = (lam * info["gptq"]).sum(0) > (lam * info["rtn"]).sum(0)
     if not opts.keep_best_of_rtn:
         worse.zero_()

@@ -92,6 +92,8 @@ def _gptq_flags(p) -> None:
                         "(default 8=0.5,6=0.25,4=4,3=2,2=0; missing widths 1)")
     g.add_argument("--gptq-damp", type=float, default=None, help="Hessian damping, fraction of mean diag (0.01)")
     g.add_argument("--gptq-no-act-order", action="store_true", help="quantize columns in their stored order")
+    g.add_argument("--gptq-asymmetric", action="store_true",
+                   help="each low width aims at the float outputs given its own quantized inputs (GPTAQ)")
 
 
 def _gptq_kwargs(args) -> dict:
@@ -101,9 +103,11 @@ def _gptq_kwargs(args) -> dict:
                               ("bit_weights", args.gptq_bit_weights), ("damp", args.gptq_damp)) if v is not None}
     if args.gptq_no_act_order:
         opts["act_order"] = False
+    if args.gptq_asymmetric:
+        opts["asymmetric"] = True
     if args.method == "rtn":
         given = [f for f in ("calibration", "calib_tokens", "calib_docs", "calib_seq_len", "gptq_bit_weights",
-                             "gptq_damp", "gptq_no_act_order") if getattr(args, f) not in (None, False)]
+                             "gptq_damp", "gptq_no_act_order", "gptq_asymmetric") if getattr(args, f) not in (None, False)]
         if given:
             raise ValueError(", ".join("--" + f.replace("_", "-") for f in given) + " only apply to --method gptq")
         return {}

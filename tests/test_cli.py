@@ -219,9 +219,9 @@ def test_gptq_flags_become_quantize_arguments():
 
     args = build_parser().parse_args(["quantize", "--out", "x", "--method", "gptq", "--calibration", "wiki",
                                       "--calib-docs", "2", "--calib-tokens", "1024", "--gptq-bit-weights", "8=0.1,2=0",
-                                      "--gptq-no-act-order"])
+                                      "--gptq-no-act-order", "--gptq-asymmetric"])
     assert _gptq_kwargs(args) == {"method": "gptq", "calibration": "wiki", "calib_docs": 2, "gptq_options": {
-        "calib_tokens": 1024, "bit_weights": {8: 0.1, 2: 0.0}, "act_order": False}}
+        "calib_tokens": 1024, "bit_weights": {8: 0.1, 2: 0.0}, "act_order": False, "asymmetric": True}}
     assert _gptq_kwargs(build_parser().parse_args(["quantize", "--out", "x"])) == {}
     lee = _gptq_kwargs(build_parser().parse_args(["quantize", "--out", "x", "--method", "gptq"]))
     assert lee["calibration"] == "lee" and lee["gptq_options"] == {}
@@ -240,6 +240,7 @@ def test_quantize_gptq_writes_a_checkpoint(tiny_lm_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, match", [
     (["--calibration", "lee"], "--calibration only apply to --method gptq"),
+    (["--gptq-asymmetric"], "--gptq-asymmetric only apply to --method gptq"),
     (["--method", "gptq", "--calibration", "nosuchfile.txt"], "neither 'lee', 'wiki', 'lee+wiki' nor an existing"),
 ])
 def test_quantize_gptq_bad_flags(argv, match, tmp_path, capsys):

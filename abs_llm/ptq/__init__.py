@@ -57,9 +57,9 @@ class GPTQOptions(SolverOptions):
         ``0``: the float weights, i.e. every layer is calibrated on the float model's activations).
     true_sequential: re-collect the Hessians inside a block after each group of layers (q/k/v, o, gate/up, down) is
         quantized (one extra block pass per group), instead of once per block.
-    asymmetric: each width below the master (with a positive weight) aims at the float model's output *given the
-        inputs the model quantized at that width sees*, not at the float weights (:func:`.gptq.asymmetric_target`):
-        one more block pass per such width and one for the float model, per block.
+    asymmetric: each width below the master (with a positive weight; or the widths listed) aims at the float model's
+        output *given the inputs the model quantized at that width sees*, not at the float weights
+        (:func:`.gptq.asymmetric_target`): one more block pass per such width and one for the float model, per block.
     """
 
     bit_weights: dict | None = None
@@ -68,7 +68,7 @@ class GPTQOptions(SolverOptions):
     batch_size: int = 4
     propagate_bits: int | None = None
     true_sequential: bool = False
-    asymmetric: bool = False
+    asymmetric: bool | list = False
 
     def check(self) -> None:
         super().check()
@@ -135,7 +135,8 @@ def gptq_masters(model: nn.Module, config, targets: list[str], calibration, toke
     stats: dict = {}
     was_training = model.training
     model.eval()
-    asym = [k for k, b in enumerate(bits) if opts.asymmetric and b < config.master_bits and weights[k] > 0]
+    asym = [k for k, b in enumerate(bits) if b < config.master_bits and weights[k] > 0 and (
+        opts.asymmetric is True or (isinstance(opts.asymmetric, (list, tuple)) and b in opts.asymmetric))]
     try:
         batches = capture_inputs(model, blocks[0], windows, opts.batch_size)
         float_batches, streams = batches, {k: batches for k in asym}  # the float model's and each width's inputs

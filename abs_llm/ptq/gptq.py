@@ -235,8 +235,11 @@ def solve(w, H, master_bits, bits, bit_weights, group_size, opts: SolverOptions 
     Hd.diagonal().add_(opts.damp * Hd.diagonal().mean())
     scale0 = core.init_scale(w, master_bits, group_size)
     rtn_q = rtn_master(w, scale0, master_bits, group_size)
-    info = {"rtn": width_errors(goal, rtn_q, scale0, H, master_bits, bits, group_size)}  # J's own H: undamped
-    lam = layer_weights(info["rtn"], bit_weights, rows, opts.normalize)
+    rtn_err = width_errors(w, rtn_q, scale0, H, master_bits, bits, group_size)  # J's own H: undamped
+    # normalised by rounding's error against the float weights even with targets: against a target, rounding's error
+    # also holds the target's distance from w, which would shrink that width's weight
+    lam = layer_weights(rtn_err, bit_weights, rows, opts.normalize)
+    info = {"rtn": rtn_err if targets is None else width_errors(goal, rtn_q, scale0, H, master_bits, bits, group_size)}
     scale = search_scale(w, Hd.diagonal(), lam, wd, group_size, opts.clip_grid)
 
     perm = torch.argsort(Hd.diagonal(), descending=True) if opts.act_order else torch.arange(n)

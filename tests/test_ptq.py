@@ -228,6 +228,7 @@ def test_trainable_gptq_starts_from_the_master(char_tok):
          "not candidate bits"),
         (dict(method="gptq", calibration=[TEXT], tokenizer="tok", gptq_options={"damp": 0}), "damp"),
         (dict(method="gptq", calibration=[TEXT], tokenizer="tok", gptq_options={"feedback": "sum"}), "feedback"),
+        (dict(method="gptq", calibration=[TEXT], tokenizer="tok", gptq_options={"asymmetric": [8]}), "asymmetric names"),
     ],
 )
 def test_bad_inputs(char_tok, kwargs, match):

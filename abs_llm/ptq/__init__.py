@@ -135,6 +135,12 @@ def gptq_masters(model: nn.Module, config, targets: list[str], calibration, toke
     stats: dict = {}
     was_training = model.training
     model.eval()
+    if not isinstance(opts.asymmetric, bool):
+        named = list(opts.asymmetric) if isinstance(opts.asymmetric, (list, tuple)) else [opts.asymmetric]
+        bad = [b for b in named if b not in bits or b >= config.master_bits]
+        if bad:
+            raise ValueError(f"asymmetric names {bad}: give True/False or widths among the candidates below the "
+                             f"master ({[b for b in bits if b < config.master_bits]})")
     asym = [k for k, b in enumerate(bits) if b < config.master_bits and weights[k] > 0 and (
         opts.asymmetric is True or (isinstance(opts.asymmetric, (list, tuple)) and b in opts.asymmetric))]
     try:

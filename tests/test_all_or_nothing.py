@@ -264,7 +264,7 @@ def test_a_failing_kernel_falls_back_with_the_real_error_in_the_warning(monkeypa
     monkeypatch.setattr(common, "_said", set())
     real = dispatch.pack
 
-    def pack(q, s, h, b, g, dtype, device, kernel):
+    def pack(q, s, h, b, g, dtype, device, kernel, spare=()):
         if kernel != "dequant":
             raise IndexError("simulated packer bug")
         return real(q, s, h, b, g, dtype, device, kernel)

@@ -180,6 +180,11 @@ def gptq_masters(model: nn.Module, config, targets: list[str], calibration, toke
     return masters
 
 
+def _group_weight(block, members) -> torch.Tensor:
+    """The float weights of layers sharing one input, stacked by rows (what one :func:`.gptq.solve` call takes)."""
+    return torch.cat([block.get_submodule(m).weight.detach().float() for m in members])
+
+
 def _asymmetric_targets(block, groups, float_batches, streams, n_bits, damp) -> list[torch.Tensor]:
     """Per layer group, ``(widths, out, in)``: the float weights, and for each width with a stream the weights that
     map that stream's inputs onto the float model's outputs (:func:`.gptq.asymmetric_target`)."""
@@ -187,7 +192,7 @@ def _asymmetric_targets(block, groups, float_batches, streams, n_bits, damp) -> 
     stats = cross_stats(block, owners, float_batches, streams)
     out = []
     for members, _ in groups:
-        w = torch.cat([block.get_submodule(m).weight.detach().float() for m in members])
+        w = _group_weight(block, members)
         t = w.unsqueeze(0).repeat(n_bits, 1, 1)
         for k in streams:
             C, Hq = stats[(members[0], k)]
@@ -225,9 +230,8 @@ def _solve_groups(block, groups, config, bits, weights, opts, goals=None) -> lis
 
     def one(k):
         members, H = groups[k]
-        mods = [block.get_submodule(m) for m in members]
-        w = torch.cat([m.weight.detach().float() for m in mods])
-        bounds = [0, *torch.tensor([m.out_features for m in mods]).cumsum(0).tolist()]
+        w = _group_weight(block, members)
+        bounds = [0, *torch.tensor([block.get_submodule(m).out_features for m in members]).cumsum(0).tolist()]
         rows = list(zip(bounds[:-1], bounds[1:]))
         goal = None if goals is None else goals[k]
         return solve(w, H, config.master_bits, bits, weights, config.group_size, opts.solver(), rows, goal), rows

@@ -152,6 +152,20 @@ class HessianCollector:
         return out
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().reshape(-1, x.shape[-1]).float()
+
+
+def _run_hooked(block: nn.Module, owners: dict[str, nn.Module], hook, batches) -> None:
+    """Run ``block`` on ``batches`` with ``hook(name, rows of the input)`` on the forward of each of ``owners``."""
+    handles = [m.register_forward_hook(lambda m, inputs, out, n=n: hook(n, _rows(inputs[0]))) for n, m in owners.items()]
+    try:
+        run_block(block, batches)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def cross_stats(block: nn.Module, owners: dict[str, nn.Module], float_batches, streams: dict) -> dict:
     """``{(owner, key): (C, H_q)}`` for each layer in ``owners`` (one per group sharing an input) and each quantized
@@ -159,39 +173,19 @@ def cross_stats(block: nn.Module, owners: dict[str, nn.Module], float_batches, s
     ``H_q = 2 X_q^T X_q / N``, ``X`` the layer's inputs when ``float_batches`` run through the block, ``X_q`` when
     the stream does (the same tokens, row for row). The block's weights are whatever it holds now."""
     seen: dict[str, list] = {n: [] for n in owners}
-
-    def record(name):
-        return lambda m, inputs, out: seen[name].append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float())
-
-    handles = [m.register_forward_hook(record(n)) for n, m in owners.items()]
-    try:
-        run_block(block, float_batches)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(block, owners, lambda n, x: seen[n].append(x), float_batches)
     out = {}
     for key, batches in streams.items():
-        sums = {n: {"C": 0, "H": 0, "tokens": 0, "calls": 0} for n in owners}
+        sums = {n: {"C": 0, "H": 0, "calls": 0} for n in owners}
 
-        def accumulate(name):
-            def fn(m, inputs, output):
-                xq = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-                acc = sums[name]
-                x = seen[name][acc["calls"]]
-                acc["C"] = acc["C"] + x.t() @ xq
-                acc["H"] = acc["H"] + xq.t() @ xq
-                acc["tokens"] += xq.shape[0]
-                acc["calls"] += 1
+        def accumulate(name, xq):
+            acc = sums[name]
+            acc["C"] = acc["C"] + seen[name][acc["calls"]].t() @ xq
+            acc["H"] = acc["H"] + xq.t() @ xq
+            acc["calls"] += 1
 
-            return fn
-
-        handles = [m.register_forward_hook(accumulate(n)) for n, m in owners.items()]
-        try:
-            run_block(block, batches)
-        finally:
-            for h in handles:
-                h.remove()
+        _run_hooked(block, owners, accumulate, batches)
         for n, acc in sums.items():
-            f = 2.0 / max(acc["tokens"], 1)
+            f = 2.0 / max(sum(x.shape[0] for x in seen[n]), 1)
             out[(n, key)] = (acc["C"] * f, acc["H"] * f)
     return out

@@ -191,10 +191,10 @@ def asymmetric_target(w, C, H_q, damp: float) -> torch.Tensor:
     ``|X W^T - X_q W*^T|^2 + lam |W* - W|^2``, i.e. ``W* = W (C + lam I)(H_q + lam I)^-1 = W + W (C - H_q)(H_q +
     lam I)^-1`` with ``lam = damp * mean(diag H_q)``; then ``|X W^T - X_q Q^T|^2 = const + tr((W* - Q) H_q (W* -
     Q)^T)`` (exact for ``lam -> 0``). The ridge pulls towards ``W``, not 0: with unchanged inputs ``W* = W``."""
-    Hd = H_q.double().clone()
-    Hd.diagonal().add_(damp * Hd.diagonal().mean().clamp(min=1e-12))
+    h = H_q.double()
+    Hd = h + torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * (damp * h.diagonal().mean().clamp(min=1e-12))
     w64 = w.double()
-    delta = torch.linalg.solve(Hd, (w64 @ (C.double() - H_q.double())).t()).t()  # Hd symmetric: (W (C - H_q) Hd^-1)
+    delta = torch.linalg.solve(Hd, (w64 @ (C.double() - h)).t()).t()  # Hd symmetric: (W (C - H_q) Hd^-1)
     return (w64 + delta).to(w.dtype)
 
 

@@ -92,8 +92,9 @@ def _gptq_flags(p) -> None:
                         "(default 8=0.5,6=0.25,4=4,3=2,2=0; missing widths 1)")
     g.add_argument("--gptq-damp", type=float, default=None, help="Hessian damping, fraction of mean diag (0.01)")
     g.add_argument("--gptq-no-act-order", action="store_true", help="quantize columns in their stored order")
-    g.add_argument("--gptq-asymmetric", action="store_true",
-                   help="each low width aims at the float outputs given its own quantized inputs (GPTAQ)")
+    g.add_argument("--gptq-asymmetric", nargs="?", const=True, default=False, type=_bits_list, metavar="BITS",
+                   help="each low width (or only BITS, e.g. 4,3) aims at the float outputs given its own quantized"
+                        " inputs (GPTAQ)")
 
 
 def _gptq_kwargs(args) -> dict:
@@ -104,7 +105,7 @@ def _gptq_kwargs(args) -> dict:
     if args.gptq_no_act_order:
         opts["act_order"] = False
     if args.gptq_asymmetric:
-        opts["asymmetric"] = True
+        opts["asymmetric"] = args.gptq_asymmetric
     if args.method == "rtn":
         given = [f for f in ("calibration", "calib_tokens", "calib_docs", "calib_seq_len", "gptq_bit_weights",
                              "gptq_damp", "gptq_no_act_order", "gptq_asymmetric") if getattr(args, f) not in (None, False)]

@@ -225,6 +225,9 @@ def test_gptq_flags_become_quantize_arguments():
     assert _gptq_kwargs(build_parser().parse_args(["quantize", "--out", "x"])) == {}
     lee = _gptq_kwargs(build_parser().parse_args(["quantize", "--out", "x", "--method", "gptq"]))
     assert lee["calibration"] == "lee" and lee["gptq_options"] == {}
+    only = _gptq_kwargs(build_parser().parse_args(["quantize", "--out", "x", "--method", "gptq",
+                                                   "--gptq-asymmetric", "4,3"]))
+    assert only["gptq_options"] == {"asymmetric": [4, 3]}
 
 
 def test_quantize_gptq_writes_a_checkpoint(tiny_lm_dir, tmp_path, capsys):

@@ -318,3 +318,15 @@ def test_asymmetric_gptq_runs_end_to_end(char_tok):
     assert any(not torch.equal(runs[True][n][0], runs[False][n][0]) for n in runs[True])
     with pytest.raises(ValueError, match="asymmetric=True needs"):
         GPTQOptions(asymmetric=True, true_sequential=True).check()
+
+
+def test_asymmetric_accepts_one_width_as_an_int(char_tok):
+    """``asymmetric=3`` means ``[3]`` (it used to pass validation and then be ignored)."""
+    cfg = DoubleRoundingConfig(candidate_bits=BITS, group_size=64)
+    runs = {}
+    for asym in (3, [3], False):
+        m = _model()
+        targets = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and n != "lm_head"]
+        runs[str(asym)] = gptq_masters(m, cfg, targets, [TEXT], char_tok, OPTS | {"asymmetric": asym}, progress=False)
+    assert all(torch.equal(runs["3"][n][0], runs["[3]"][n][0]) for n in runs["3"])
+    assert any(not torch.equal(runs["3"][n][0], runs["False"][n][0]) for n in runs["3"])

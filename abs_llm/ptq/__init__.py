@@ -135,14 +135,16 @@ def gptq_masters(model: nn.Module, config, targets: list[str], calibration, toke
     stats: dict = {}
     was_training = model.training
     model.eval()
-    if not isinstance(opts.asymmetric, bool):
+    low = [b for b in bits if b < config.master_bits]
+    if isinstance(opts.asymmetric, bool):
+        named = low if opts.asymmetric else []
+    else:
         named = list(opts.asymmetric) if isinstance(opts.asymmetric, (list, tuple)) else [opts.asymmetric]
-        bad = [b for b in named if b not in bits or b >= config.master_bits]
+        bad = [b for b in named if b not in low]
         if bad:
             raise ValueError(f"asymmetric names {bad}: give True/False or widths among the candidates below the "
-                             f"master ({[b for b in bits if b < config.master_bits]})")
-    asym = [k for k, b in enumerate(bits) if b < config.master_bits and weights[k] > 0 and (
-        opts.asymmetric is True or (isinstance(opts.asymmetric, (list, tuple)) and b in opts.asymmetric))]
+                             f"master ({low})")
+    asym = [k for k, b in enumerate(bits) if b in named and weights[k] > 0]
     try:
         batches = capture_inputs(model, blocks[0], windows, opts.batch_size)
         float_batches, streams = batches, {k: batches for k in asym}  # the float model's and each width's inputs

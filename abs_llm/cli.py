@@ -8,36 +8,8 @@ import argparse
 import json
 import sys
 
+from .cli_args import bits_list, eval_flags, gptq_flags, gptq_kwargs, group_size_arg
 from .core import DEFAULT_CANDIDATE_BITS, DEFAULT_GROUP_SIZE, DEFAULT_MASTER_BITS
-from .results import DEFAULT_EVAL_CHUNKS
-
-
-def _bits_list(text: str) -> list[int]:
-    try:
-        return [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 8,4,2, got {text!r}") from None
-
-
-def _group_size(text: str):
-    if text.lower() in ("none", "channel", "per-channel"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"group size must be an integer or 'none', got {text!r}") from None
-
-
-def _eval_flags(p, tokenizer_only: bool = False):
-    """--tokenizer for every verb that needs one; --no-eval / --eval-chunks for those that store eval_results.json."""
-    p.add_argument("--tokenizer", default=None, help="tokenizer path or HF id (default: the checkpoint's, else its source"
-                                                     " model's)")
-    if tokenizer_only:
-        return
-    p.add_argument("--no-eval", action="store_true", help="skip the per-width PPL stored as eval_results.json")
-    p.add_argument("--eval-chunks", type=lambda t: None if t.lower() in ("all", "none") else int(t),
-                   default=DEFAULT_EVAL_CHUNKS, help="held-out windows of 512 tokens per width for eval_results.json"
-                                                     f" (default {DEFAULT_EVAL_CHUNKS}; 'all')")
 
 
 # ---- quantize ---------------------------------------------------------------------------------------------------------
@@ -46,13 +18,13 @@ def add_quantize(sub):
     p.add_argument("model", nargs="?", default=None, help="HF model id or local path (default: embedded SmolLM2-135M)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--bits", type=int, default=None, help="active bits saved in the checkpoint (default: highest)")
-    p.add_argument("--candidate-bits", type=_bits_list, default=list(DEFAULT_CANDIDATE_BITS))
+    p.add_argument("--candidate-bits", type=bits_list, default=list(DEFAULT_CANDIDATE_BITS))
     p.add_argument("--master-bits", type=int, default=DEFAULT_MASTER_BITS, choices=[8, 4])
-    p.add_argument("--group-size", type=_group_size, default=DEFAULT_GROUP_SIZE,
+    p.add_argument("--group-size", type=group_size_arg, default=DEFAULT_GROUP_SIZE,
                    help="power of two in [16, 1024], or 'none'")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    _eval_flags(p)
-    _gptq_flags(p)
+    eval_flags(p)
+    gptq_flags(p)
     p.set_defaults(func=run_quantize)
 
 
@@ -62,65 +34,18 @@ def run_quantize(args):
 
     cfg = DoubleRoundingConfig(bits=args.bits, candidate_bits=args.candidate_bits, master_bits=args.master_bits,
                                group_size=args.group_size)
-    gptq = _gptq_kwargs(args)
+    gptq = gptq_kwargs(args)
     out = quantize_to_dir(args.model, args.out, cfg, overwrite=args.overwrite, tokenizer=args.tokenizer,
                           evaluate=not args.no_eval, eval_chunks=args.eval_chunks, **gptq)
     print(f"wrote switchable checkpoint {out} (from {args.model or 'the embedded SmolLM2-135M-Instruct'}; "
           f"{args.method} master INT{cfg.master_bits}, bits {cfg.candidate_bits})")
 
 
-def _bit_weights(text: str) -> dict[int, float]:
-    try:
-        pairs = [p.split("=") for p in text.split(",") if p.strip()]
-        return {int(b): float(w) for b, w in pairs}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected BITS=WEIGHT pairs like 8=0.1,4=1, got {text!r}") from None
-
-
-def _gptq_flags(p) -> None:
-    g = p.add_argument_group("one-shot PTQ (--method gptq)")
-    g.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
-                   help="rtn: round the master to nearest (default); gptq: choose it on calibration text to minimise"
-                        " the layer-output error summed over all candidate widths")
-    g.add_argument("--calibration", default=None, help="lee (Lee train docs 0-224, default), wiki (Wikipedia sample "
-                                                       "train articles), lee+wiki, or a text file")
-    g.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (default 16384)")
-    g.add_argument("--calib-docs", type=int, default=None, help="use only the first N documents of the corpus")
-    g.add_argument("--calib-seq-len", type=int, default=None, help="calibration window length (default 512)")
-    g.add_argument("--gptq-bit-weights", type=_bit_weights, default=None,
-                   help="weight of each width in the joint objective, e.g. 8=0.1,6=0.5,4=1,3=1,2=0.05 "
-                        "(default 8=0.5,6=0.25,4=4,3=2,2=0; missing widths 1)")
-    g.add_argument("--gptq-damp", type=float, default=None, help="Hessian damping, fraction of mean diag (0.01)")
-    g.add_argument("--gptq-no-act-order", action="store_true", help="quantize columns in their stored order")
-    g.add_argument("--gptq-asymmetric", nargs="?", const=True, default=False, type=_bits_list, metavar="BITS",
-                   help="each low width (or only BITS, e.g. 4,3) aims at the float outputs given its own quantized"
-                        " inputs (GPTAQ)")
-
-
-def _gptq_kwargs(args) -> dict:
-    """``method`` / ``calibration`` / ``calib_docs`` / ``gptq_options`` for ``quantize_to_dir``; GPTQ flags given
-    with ``--method rtn`` are refused (they would be silently ignored)."""
-    opts = {k: v for k, v in (("calib_tokens", args.calib_tokens), ("seq_len", args.calib_seq_len),
-                              ("bit_weights", args.gptq_bit_weights), ("damp", args.gptq_damp)) if v is not None}
-    if args.gptq_no_act_order:
-        opts["act_order"] = False
-    if args.gptq_asymmetric:
-        opts["asymmetric"] = args.gptq_asymmetric
-    if args.method == "rtn":
-        given = [f for f in ("calibration", "calib_tokens", "calib_docs", "calib_seq_len", "gptq_bit_weights",
-                             "gptq_damp", "gptq_no_act_order", "gptq_asymmetric") if getattr(args, f) not in (None, False)]
-        if given:
-            raise ValueError(", ".join("--" + f.replace("_", "-") for f in given) + " only apply to --method gptq")
-        return {}
-    return {"method": "gptq", "calibration": args.calibration or "lee", "calib_docs": args.calib_docs,
-            "gptq_options": opts}
-
-
 # ---- eval -------------------------------------------------------------------------------------------------------------
 def add_eval(sub):
     p = sub.add_parser("eval", help="perplexity of a switchable checkpoint at each bit-width")
     p.add_argument("checkpoint")
-    p.add_argument("--bits", type=_bits_list, default=None, help="bit-widths to evaluate (default: all candidates)")
+    p.add_argument("--bits", type=bits_list, default=None, help="bit-widths to evaluate (default: all candidates)")
     p.add_argument("--split", default="eval", choices=["train", "train_fit", "validation", "eval", "test"],
                    help="corpus split (default: eval = held-out test)")
     p.add_argument("--corpus", default="lee", choices=["lee", "wiki"], help="Lee news (default) or the Wikipedia sample")
@@ -137,7 +62,7 @@ def add_eval(sub):
     p.add_argument("--max-length", type=int, default=None, help="lm-eval context window (default: the model's)")
     p.add_argument("--save", action="store_true", help="also store the results in CHECKPOINT/eval_results.json + .md"
                                                        " (the model card uses them)")
-    _eval_flags(p, tokenizer_only=True)
+    eval_flags(p, tokenizer_only=True)
     p.set_defaults(func=run_eval)
 
 
@@ -182,7 +107,7 @@ def add_push(sub):
     p.add_argument("--out", default=None, help="with --dry-run: where the upload folder goes")
     p.add_argument("--results", default=None, help="JSON from `abs-llm eval --json` for the model card table (default:"
                                                    " the checkpoint's eval_results.json, else measured on the copy)")
-    _eval_flags(p)
+    eval_flags(p)
     p.set_defaults(func=run_push)
 
 
@@ -199,7 +124,7 @@ def run_push(args):
 def add_demo(sub):
     p = sub.add_parser("demo", help="the main job: default model -> switchable checkpoint -> PPL + generation per bits")
     p.add_argument("--out", default="outputs/demo", help="where the checkpoint, table and plot go")
-    p.add_argument("--group-size", type=_group_size, default=DEFAULT_GROUP_SIZE)
+    p.add_argument("--group-size", type=group_size_arg, default=DEFAULT_GROUP_SIZE)
     p.add_argument("--max-chunks", type=int, default=8, help="evaluation windows per width (0: the full split)")
     p.add_argument("--calib-tokens", type=int, default=2048, help="GPTQ calibration tokens (library default 16384)")
     p.add_argument("--prompt", action="append", default=None, help="a question for the chat template (repeatable)")
@@ -225,7 +150,7 @@ def add_train(sub):
     p.add_argument("--output-dir", default=None, help="override output_dir; receives the final switchable checkpoint")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if OUTPUT_DIR holds checkpoint-* dirs")
     p.add_argument("--resume-from", default=None, help="resume from this Trainer checkpoint directory")
-    _eval_flags(p)
+    eval_flags(p)
     p.set_defaults(func=run_train)
 
 
@@ -270,7 +195,7 @@ def add_search(sub):
     p.add_argument("--split", default="eval", choices=["train", "eval"], help="sweep PPL split (default held-out)")
     p.add_argument("--max-chunks", type=int, default=None, help="cap sweep PPL windows")
     p.add_argument("--overwrite", action="store_true")
-    _eval_flags(p)
+    eval_flags(p)
     p.set_defaults(func=run_search)
 
 
@@ -310,7 +235,7 @@ def add_generate(sub):
                    help="use the prompt as raw text even if the tokenizer has a chat template")
     p.add_argument("--compare", action="store_true", help="also run the verifier alone: speed-up, identical text")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    _eval_flags(p, tokenizer_only=True)
+    eval_flags(p, tokenizer_only=True)
     p.set_defaults(func=run_generate)
 
 

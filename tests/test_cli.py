@@ -215,7 +215,8 @@ def test_accelerate_launch_two_cpu_processes(tiny_lm_dir, tmp_path):
 
 # ---- quantize --method gptq (issue 16) --------------------------------------------------------------------------
 def test_gptq_flags_become_quantize_arguments():
-    from abs_llm.cli import _gptq_kwargs, build_parser
+    from abs_llm.cli import build_parser
+    from abs_llm.cli_args import gptq_kwargs as _gptq_kwargs
 
     args = build_parser().parse_args(["quantize", "--out", "x", "--method", "gptq", "--calibration", "wiki",
                                       "--calib-docs", "2", "--calib-tokens", "1024", "--gptq-bit-weights", "8=0.1,2=0",

@@ -225,14 +225,47 @@ def default_corpus(split: str = "train", name: str = "lee") -> list[str]:
     return docs[lo:hi]
 
 
+def _pieces(doc: str, size: int) -> list[str]:
+    """``doc`` cut at line breaks into pieces of about ``size`` characters (a line longer than that stays whole)."""
+    pieces, cur = [], ""
+    for line in doc.split("\n"):
+        if cur and len(cur) + len(line) > size:
+            pieces.append(cur)
+            cur = ""
+        cur = f"{cur}\n{line}" if cur else line
+    return pieces + [cur] if cur.strip() else pieces
+
+
+def interleave(corpora: list[list[str]], piece: int = 4000) -> list[str]:
+    """The text of every corpus in one list, each next piece (a document, or ~``piece`` characters of a longer one)
+    taken from the corpus with the fewest characters used so far: any prefix (calibration takes the first N tokens)
+    holds about as much text of each. Concatenated, the first 57k tokens of ``lee+wiki`` were Lee alone, and a
+    Wikipedia article can be 60k characters."""
+    if len(corpora) == 1:
+        return list(corpora[0])
+    corpora = [[p for d in c for p in _pieces(d, piece)] for c in corpora]
+    used = [0] * len(corpora)
+    pos = [0] * len(corpora)
+    out = []
+    while True:
+        left = [i for i, c in enumerate(corpora) if pos[i] < len(c)]
+        if not left:
+            return out
+        i = min(left, key=lambda j: used[j])
+        doc = corpora[i][pos[i]]
+        out.append(doc)
+        used[i] += len(doc)
+        pos[i] += 1
+
+
 def calibration_texts(source: str = "lee", n_docs: int | None = None) -> list[str]:
     """Calibration documents: ``"lee"`` (Lee docs 0-224, i.e. train without the validation docs), ``"wiki"`` (the
-    Wikipedia train articles), ``"lee+wiki"`` (both), or a text file (documents separated by blank lines); only the
-    first ``n_docs`` documents when given."""
+    Wikipedia train articles), ``"lee+wiki"`` (both, interleaved by length so that any prefix holds about as much of
+    each), or a text file (documents separated by blank lines); only the first ``n_docs`` documents when given."""
     corpora = {"lee": [("train_fit", "lee")], "wiki": [("train", "wiki")],
                "lee+wiki": [("train_fit", "lee"), ("train", "wiki")]}
     if source in corpora:
-        docs = [d for split, name in corpora[source] for d in default_corpus(split, name=name)]
+        docs = interleave([default_corpus(split, name=name) for split, name in corpora[source]])
     else:
         path = Path(source)
         if not path.is_file():

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import abs_llm
 from abs_llm import DoubleRoundingConfig, core
-from abs_llm.data import default_corpus, default_model_path
+from abs_llm.data import calibration_texts, default_corpus, default_model_path
 from abs_llm.evaluation import perplexity
 from abs_llm.hf_quantizer import linears_to_convert, resolve_modules_to_not_convert
 from abs_llm.ptq import gptq_masters
@@ -44,16 +44,6 @@ def eval_sets(split: str, wiki_chunks: int):
     if split == "val":
         return {"lee": (default_corpus("validation"), None), "wiki": (default_corpus("validation", name="wiki"), wiki_chunks)}
     return {"lee": (default_corpus("eval"), None), "wiki": (default_corpus("test", name="wiki"), wiki_chunks)}
-
-
-def calibration_texts(name: str):
-    if name == "lee":
-        return default_corpus("train_fit")
-    if name == "wiki":
-        return default_corpus("train", name="wiki")
-    if name == "lee+wiki":
-        return default_corpus("train_fit") + default_corpus("train", name="wiki")
-    raise ValueError(name)
 
 
 def main():

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from abs_llm import data
-from abs_llm.data import calibration_texts, default_corpus
+from abs_llm.data import calibration_texts, default_corpus, interleave
 from abs_llm.wiki import MIN_CHARS
 from abs_llm.evaluation import perplexity
 
@@ -75,6 +75,27 @@ def test_calibration_texts(tmp_path):
         calibration_texts(str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="calib_docs must be >= 1"):
         calibration_texts("lee", 0)
+
+
+def test_interleave_gives_every_prefix_both_corpora():
+    a = ["a" * 100] * 30
+    b = ["line %d " % i + "b" * 90 for i in range(60)]  # one 6,000-character document, cut at its line breaks
+    mixed = interleave([a, ["\n".join(b)]], piece=1000)
+    for n in (12, 25, len(mixed)):  # every prefix longer than a piece holds about as much of each corpus
+        share = sum(len(d) for d in mixed[:n] if d.startswith("a")) / sum(len(d) for d in mixed[:n])
+        assert 0.3 < share < 0.7, (n, share)
+    assert [d for d in mixed if d.startswith("a")] == a
+    assert "\n".join(d for d in mixed if not d.startswith("a")) == "\n".join(b)  # nothing lost or reordered
+    assert interleave([a]) == a
+
+
+def test_lee_plus_wiki_calibration_draws_on_both():
+    """The first calibration tokens of ``lee+wiki`` are half Lee, half Wikipedia (concatenated, they were all Lee)."""
+    docs = calibration_texts("lee+wiki")
+    lee = set(default_corpus("train_fit"))
+    head = docs[: next(i for i in range(len(docs)) if sum(map(len, docs[:i])) > 60000)]
+    share = sum(len(d) for d in head if d in lee) / sum(map(len, head))
+    assert 0.4 < share < 0.6, share
 
 
 def test_missing_packages_give_install_hint(monkeypatch, tmp_path):

@@ -61,6 +61,7 @@ class SwitchableLinear(nn.Module):
         self._bits = self.candidate_bits[0]
         self.cache_size, self.cache_bytes = cache_size, cache_bytes
         self._cache: OrderedDict = OrderedDict()  # (bits, dtype, device) -> kernels.Packed, least recent first
+        self._plans: dict = {}  # ((bits, dtype, device), kernel setting) -> (kernel chosen, its packed bytes)
         self._kernel = kernels.check_kernel(kernel)
         self._act = None  # (dtype, device) of the last forward: what set_bits packs eagerly
         self.offloaded = False  # set at load when accelerate offloads this layer (hf_quantizer.offloaded_modules)
@@ -155,6 +156,12 @@ class SwitchableLinear(nn.Module):
 
     def invalidate_cache(self) -> None:
         self._cache.clear()
+        self.__dict__.pop("_plans", None)
+
+    def invalidate_width(self, bits: int) -> None:
+        """Drop the cached packs of one width."""
+        for key in [k for k in self._cache if k[0] == bits]:
+            del self._cache[key]
 
     def derived_weight(self, bits: int | None = None, dtype=torch.float32) -> torch.Tensor:
         """Dequantized weight at ``bits`` (default: active bits), computed without the cache."""
@@ -176,11 +183,16 @@ class SwitchableLinear(nn.Module):
         if p is not None:
             self._cache.move_to_end(key)
             return p
-        kernel = kernels.choose(self.out_features, self.in_features, self._bits, self.group_size, dtype, device,
-                                self._kernel)
+        plans = self.__dict__.setdefault("_plans", {})  # setdefault: a layer unpickled from an older version
+        plan = plans.get((key, self._kernel))
+        if plan is None:  # the kernel and its size depend on nothing else: a cold switch asks once per layer
+            kernel = kernels.choose(self.out_features, self.in_features, self._bits, self.group_size, dtype, device,
+                                    self._kernel)
+            plan = plans[(key, self._kernel)] = (kernel, kernels.packed_nbytes(
+                kernel, self.out_features, self.in_features, self.group_size, dtype))
+        kernel = plan[0]
         cap = self.cache_bytes if self.cache_bytes is not None else CACHE_FACTOR * self.out_features * self.in_features
-        spare = self._make_room(kernels.packed_nbytes(kernel, self.out_features, self.in_features, self.group_size,
-                                                      dtype), kernel, cap)
+        spare = self._make_room(plan[1], kernel, cap)
         with torch.no_grad():
             p = kernels.pack_checked(self.master(), self.weight_scale, self.master_bits, self._bits, self.group_size,
                                      dtype, device, kernel, spare)

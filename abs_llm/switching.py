@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
 from . import kernels
+from .kernels import cpu_fused
 from .layers import SwitchableLinear
 
 
@@ -99,11 +101,19 @@ def set_bits(model: nn.Module, bits: int | dict[str, int], kernel: str | None = 
         if kernel is not None:
             for layer in layers.values():
                 layer.kernel = kernel
-        for name, b in plan.items():
-            set_one(layers[name], b)
-            if prepare:
-                layers[name].prepare()  # may run out of memory half-way: then every layer goes back
+        # the layers' compiled packing runs on torch's other threads while this one goes on with the next layer
+        with cpu_fused.switch_batch(torch.get_num_threads() if prepare else 1) as batch:
+            for name, b in plan.items():
+                set_one(layers[name], b)
+                if prepare:
+                    layers[name].prepare()  # may run out of memory half-way: then every layer goes back
+        if batch is not None and batch.errors:
+            for name, b in plan.items():  # the fused path is off now: pack what this switch packed again, eagerly
+                layers[name].invalidate_width(b)
+                layers[name].prepare()
     except BaseException:
+        for name, b in plan.items():  # packs queued by this switch may be unwritten
+            layers[name].invalidate_width(b)
         for name, (b, k) in before.items():
             set_one(layers[name], b)
             layers[name].kernel = k

@@ -3,6 +3,7 @@ replaces, for every width and output layout, and the eager path takes over when 
 
 import importlib.util
 import logging
+import threading
 
 import pytest
 import torch
@@ -160,6 +161,116 @@ def test_model_switch_uses_fused_path_and_packs_the_same_bytes(monkeypatch, grou
                 packed[on] = [t for m in layers for p in m._cache.values() for t in p.tensors]
             assert all(torch.equal(a, b) for a, b in zip(packed[True], packed[False])), bits
     assert "int4pack" in calls and ("int4x2" in calls) == (group_size is not None)
+
+
+def _model_at(group_size, bits=8):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(hidden_size=128, intermediate_size=192)).eval()
+    quantize(model, DoubleRoundingConfig(group_size=group_size))
+    model.to(torch.bfloat16)
+    with torch.inference_mode():
+        model(torch.randint(0, 128, (1, 5)))  # the layers learn the activation dtype a switch packs for
+    set_bits(model, bits)
+    return model, [m for m in model.modules() if isinstance(m, SwitchableLinear)]
+
+
+def _packs(layers, bits):
+    return [t for m in layers for k, p in m._cache.items() if k[0] == bits for t in p.tensors]
+
+
+@pytest.fixture
+def two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@needs_numba
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_a_switch_runs_its_kernels_on_torchs_threads_and_packs_the_same_bytes(monkeypatch, two_threads, group_size):
+    """set_bits queues every layer's compiled packing, which worker threads run while the next layers' Python goes
+    on; the bytes are those of the eager path."""
+    model, layers = _model_at(group_size)
+    where, real = set(), cpu_fused.kernel
+
+    def spy(d, layout):
+        fn = real(d, layout)
+        return fn and (lambda *a: where.add(threading.current_thread().name) or fn(*a))
+
+    for bits in (6, 4, 2, 8, 3):
+        monkeypatch.setattr(cpu_fused, "kernel", spy)
+        set_bits(model, bits)
+        threaded = [t.clone() for t in _packs(layers, bits)]
+        monkeypatch.setattr(cpu_fused, "ENABLED", False)
+        for m in layers:
+            m.invalidate_cache()
+        set_bits(model, bits)
+        assert len(threaded) == len(_packs(layers, bits))
+        assert all(torch.equal(a, b) for a, b in zip(threaded, _packs(layers, bits))), bits
+        monkeypatch.setattr(cpu_fused, "ENABLED", True)
+        assert cpu_fused._nb, bits  # nothing failed on the way (a failure turns the fused path off)
+    assert any(n.startswith("abs_llm_switch") for n in where), where
+
+
+@needs_numba
+def test_a_kernel_failing_in_a_threaded_switch_repacks_eagerly(monkeypatch, caplog, two_threads):
+    model, layers = _model_at(64)
+    monkeypatch.setattr(cpu_fused, "_nb", cpu_fused._njit())  # restored after the test: the failure turns it off
+    monkeypatch.setattr(common, "_said", set())
+    real = cpu_fused.kernel
+
+    def crashing(*a):
+        raise RuntimeError("kernel crashed")
+
+    monkeypatch.setattr(cpu_fused, "kernel", lambda d, layout: crashing if layout == "blocked" else real(d, layout))
+    with caplog.at_level(logging.WARNING, logger="abs_llm.kernels"), torch.inference_mode():
+        set_bits(model, 4)
+        got = model(torch.arange(9).view(1, 9)).logits
+    assert [r.levelno for r in caplog.records] == [logging.WARNING] and "kernel crashed" in caplog.records[0].message
+    want = [pack_int4_cpu(cpu.int4_nibbles(m.master(), 8, 4, "int4pack")) for m in layers]
+    assert all(torch.equal(p.tensors[0], w) for p, w in zip((m.packed(torch.bfloat16, torch.device("cpu"))
+                                                             for m in layers), want))
+    assert torch.isfinite(got).all()
+
+
+@needs_numba
+def test_scales_a_threaded_switch_cannot_convert_are_converted_eagerly(monkeypatch, two_threads):
+    model, layers = _model_at(64)
+    layers[3].weight_scale.data[0, 0] = 1e-40  # subnormal: the fused conversion refuses it, in a worker thread
+    set_bits(model, 6)
+    assert cpu_fused.kernel(0, "scales") is not None  # the eager conversion ran in the worker, nothing failed
+    got = layers[3].packed(torch.bfloat16, torch.device("cpu")).tensors[1]
+    monkeypatch.setattr(cpu_fused, "ENABLED", False)
+    layers[3].invalidate_cache()
+    assert torch.equal(got, layers[3].packed(torch.bfloat16, torch.device("cpu")).tensors[1])
+
+
+@needs_numba
+def test_a_switch_that_fails_half_way_keeps_no_unwritten_pack(monkeypatch):
+    """The kernels of a switch run after every layer's Python: if a layer raises (e.g. out of memory), the packs
+    already queued were never written, and none of them may stay cached."""
+    model, layers = _model_at(64)
+    x = torch.arange(9).view(1, 9)
+    with torch.inference_mode():
+        want = model(x).logits
+    real = SwitchableLinear.prepare
+
+    def prepare(self):
+        if self is layers[5]:
+            raise MemoryError("out of memory")
+        return real(self)
+
+    monkeypatch.setattr(SwitchableLinear, "prepare", prepare)
+    with pytest.raises(MemoryError):
+        set_bits(model, 3)
+    assert all(m.bits == 8 and all(k[0] != 3 for k in m._cache) for m in layers)
+    monkeypatch.setattr(SwitchableLinear, "prepare", real)
+    fresh, _ = _model_at(64, bits=3)
+    with torch.inference_mode():
+        assert torch.equal(model(x).logits, want)
+        set_bits(model, 3)
+        assert torch.equal(model(x).logits, fresh(x).logits)
 
 
 def test_disabled_fused_path_returns_nothing(monkeypatch):

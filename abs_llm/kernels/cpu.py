@@ -120,15 +120,19 @@ def pack_int4(q_master, scale, master_bits, bits, group_size, dtype, kernel, spa
     g = int4_group(in_f, group_size)
     q_master = q_master.cpu()
     spare_w4, spare_sz = tuple(spare) if len(spare) == 2 else (None, None)
-    sz = cpu_fused.int4_scales(scale, master_bits - bits, in_f, group_size, g, dtype, kernel, spare_sz)
-    if sz is None:
+
+    def eager_scales(out=None):
         step = scale.float() * (2 ** (master_bits - bits))
         if kernel == "int4x2":  # q_l = 16*hi + lo: rows [0, out) carry hi (step 16s), rows [out, 2out) lo (zero 8s)
-            sz = torch.empty(in_f // g, 2 * out_f, 2, dtype=dtype)
-            int4_scales_and_zeros(step * 16, in_f, group_size, g, 0.0, dtype, out=sz[:, :out_f])
-            int4_scales_and_zeros(step, in_f, group_size, g, 8.0, dtype, out=sz[:, out_f:])
-        else:
-            sz = int4_scales_and_zeros(step, in_f, group_size, g, 0.0, dtype)
+            out = torch.empty(in_f // g, 2 * out_f, 2, dtype=dtype) if out is None else out
+            int4_scales_and_zeros(step * 16, in_f, group_size, g, 0.0, dtype, out=out[:, :out_f])
+            int4_scales_and_zeros(step, in_f, group_size, g, 8.0, dtype, out=out[:, out_f:])
+            return out
+        return int4_scales_and_zeros(step, in_f, group_size, g, 0.0, dtype, out=out)
+
+    sz = cpu_fused.int4_scales(scale, master_bits - bits, in_f, group_size, g, dtype, kernel, spare_sz, eager_scales)
+    if sz is None:
+        sz = eager_scales()
     w4 = cpu_fused.int4_blocked(q_master, master_bits, bits, kernel, spare_w4) if _blocked64_matches_torch() else None
     if w4 is None:  # fused path off / unavailable, or out % 64 != 0
         w4 = pack_int4_cpu(int4_nibbles(q_master, master_bits, bits, kernel))

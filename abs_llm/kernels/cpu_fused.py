@@ -29,11 +29,13 @@ import logging
 import math
 import os
 import threading
+from contextlib import contextmanager
 from functools import cache
 
 import numpy as np
 import torch
 
+from . import cpu_batch
 from .common import say_once
 
 ENABLED = os.environ.get("ABS_LLM_FUSED", "1") != "0"
@@ -63,6 +65,7 @@ def _disable(why: str) -> None:
     say_once(f"abs_llm kernels: fused CPU packing failed ({why}); using the eager path", logging.WARNING)
 
 
+@cache  # a switch asks once per layer
 def constants(master_bits: int, bits: int, part: str) -> dict:
     """The numbers one kernel call needs (numpy uint8, so the loops stay in narrow lanes). ``d`` is compiled into
     the kernel; ``umax`` (the clamp, by master bits), ``off`` and ``planes`` (by output) are arguments."""
@@ -200,6 +203,30 @@ def kernel(d: int, layout: str):
     return fn
 
 
+def _call(fn, args: tuple, fallback=None) -> bool:
+    """Run ``fn(*args)`` now, or queue it when a switch's :func:`.cpu_batch.batch` is open (``fallback()`` then runs
+    if ``fn`` returns ``False``). ``False``: it failed now (the fused path is then off)."""
+    b = cpu_batch.current()
+    if b is not None:
+        b.submit(fn, args, fallback)
+        return True
+    try:
+        return fn(*args) is not False
+    except Exception as e:
+        _disable(f"{type(e).__name__}: {e}")
+        return False
+
+
+@contextmanager
+def switch_batch(threads: int):
+    """:func:`.cpu_batch.batch`, turning the fused path off if a queued call failed. Yields the batch (``None``: not
+    batched); after the block, a batch with ``errors`` wrote outputs that must not be used: pack them again."""
+    with cpu_batch.batch(threads) as b:
+        yield b
+    if b is not None and b.errors:
+        _disable(f"{type(b.errors[0]).__name__}: {b.errors[0]}")
+
+
 def _bytes(q_master: torch.Tensor) -> np.ndarray:
     return q_master.detach().contiguous().view(torch.uint8).numpy()
 
@@ -213,12 +240,8 @@ def scaled_int8(q_master: torch.Tensor, master_bits: int, bits: int) -> torch.Te
     if fn is None:
         return None
     out = torch.empty(q_master.shape, dtype=torch.int8)
-    try:
-        fn(_bytes(q_master).reshape(-1), c["umax"], out.view(torch.uint8).numpy().reshape(-1))
-    except Exception as e:
-        _disable(f"{type(e).__name__}: {e}")
-        return None
-    return out
+    args = (_bytes(q_master).reshape(-1), c["umax"], out.view(torch.uint8).numpy().reshape(-1))
+    return out if _call(fn, args) else None
 
 
 def _into(spare: torch.Tensor | None, shape, dtype) -> torch.Tensor:
@@ -246,12 +269,8 @@ def int4_blocked(q_master: torch.Tensor, master_bits: int, bits: int, kernel_nam
         return None
     planes = c["planes"]
     out = _into(spare, (planes * n // 64, k, 32), torch.uint8)
-    try:
-        fn(_bytes(q_master), c["umax"], c["off"], planes, out.numpy())
-    except Exception as e:
-        _disable(f"{type(e).__name__}: {e}")
-        return None
-    return out.view(planes * n, k // 2)
+    args = (_bytes(q_master), c["umax"], c["off"], planes, out.numpy())
+    return out.view(planes * n, k // 2) if _call(fn, args) else None
 
 
 @cache
@@ -264,21 +283,27 @@ def _scale_factors(d: int, x2: bool) -> tuple[np.ndarray, np.ndarray]:
 
 
 def int4_scales(scale: torch.Tensor, d: int, in_f: int, group_size, g: int, dtype, kernel_name: str,
-                spare: torch.Tensor | None = None):
+                spare: torch.Tensor | None = None, eager=None):
     """``_weight_int4pack_mm_for_cpu``'s bf16 scales and zeros ``(in/g, rows, 2)`` (what
     :func:`.cpu.int4_scales_and_zeros` builds; for int4x2 both halves) in one pass, into ``spare`` when it fits;
-    ``None``: use the eager path."""
+    ``None``: use the eager path. In a switch's batch the kernel runs later, and ``eager(out)`` fills ``out`` instead
+    if the scales turn out to need the eager path (without ``eager`` the eager path is taken now)."""
     if scale.device.type != "cpu" or scale.dtype != torch.float32 or dtype != torch.bfloat16:
         return None
     fn = kernel(0, "scales")
     if fn is None:
         return None
     mults, zeros = _scale_factors(d, kernel_name == "int4x2")
-    out = _into(spare, (in_f // g, len(mults) * scale.shape[0], 2), torch.bfloat16)
-    try:
-        ok = fn(scale.detach().contiguous().numpy(), (in_f if group_size is None else group_size) // g, mults, zeros,
-                out.view(torch.uint16).numpy())
-    except Exception as e:
-        _disable(f"{type(e).__name__}: {e}")
+    if eager is None and cpu_batch.current() is not None:
         return None
-    return out if ok else None
+    out = _into(spare, (in_f // g, len(mults) * scale.shape[0], 2), torch.bfloat16)
+    args = (scale.detach().contiguous().numpy(), (in_f if group_size is None else group_size) // g, mults, zeros,
+            out.view(torch.uint16).numpy())
+    return out if _call(fn, args, None if eager is None else (lambda: _eager_into(eager, out))) else None
+
+
+def _eager_into(eager, out: torch.Tensor) -> None:
+    # inference mode is per thread, and `out` may be the buffer of a width packed inside it (an inference tensor,
+    # which only inference mode may write); inside it, writing a normal tensor is allowed too
+    with torch.inference_mode():
+        eager(out)

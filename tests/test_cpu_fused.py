@@ -3,7 +3,9 @@ replaces, for every width and output layout, and the eager path takes over when 
 
 import importlib.util
 import logging
+import os
 import threading
+import time
 
 import pytest
 import torch
@@ -211,6 +213,31 @@ def test_a_switch_runs_its_kernels_on_torchs_threads_and_packs_the_same_bytes(mo
         monkeypatch.setattr(cpu_fused, "ENABLED", True)
         assert cpu_fused._nb, bits  # nothing failed on the way (a failure turns the fused path off)
     assert any(n.startswith("abs_llm_switch") for n in where), where
+
+
+@needs_numba
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_threaded_switch_works_in_a_forked_child(two_threads):
+    """A child forked after a threaded switch has the parent's worker pool object but none of its threads."""
+    model, layers = _model_at(64)
+    set_bits(model, 4)
+    pid = os.fork()
+    if pid == 0:  # child: must finish the switch (a hang here is caught by the parent's timeout below)
+        try:
+            set_bits(model, 6)
+            os._exit(0 if layers[0].packed(torch.bfloat16, torch.device("cpu")).kernel == "int4x2" else 1)
+        except BaseException:
+            os._exit(2)
+    for _ in range(600):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the switch in the forked child hung")
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 @needs_numba

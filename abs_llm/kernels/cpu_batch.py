@@ -9,6 +9,7 @@ measured slower than one thread: each layer's ~25 torch calls hand the GIL over)
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 
 _local = threading.local()
 _lock = threading.Lock()
-_pool: list = []  # [ThreadPoolExecutor], made on the first batch with more than one thread
+_pool: list = []  # [ThreadPoolExecutor, pid], made on the first batch with more than one thread
 
 
 class Batch:
@@ -32,8 +33,9 @@ class Batch:
         """Queue ``fn(*args)``; ``fallback()`` runs instead of failing when ``fn`` returns ``False``."""
         if not self._workers:
             with _lock:
-                if not _pool or _pool[0]._max_workers < self.threads - 1:
-                    _pool[:] = [ThreadPoolExecutor(self.threads - 1, thread_name_prefix="abs_llm_switch")]
+                # a forked child inherits the pool but not its threads: it would queue work that nobody runs
+                if not _pool or _pool[0]._max_workers < self.threads - 1 or _pool[1] != os.getpid():
+                    _pool[:] = [ThreadPoolExecutor(self.threads - 1, thread_name_prefix="abs_llm_switch"), os.getpid()]
                 pool = _pool[0]
             self._workers = [pool.submit(self._drain, True) for _ in range(self.threads - 1)]
         self._jobs.put((fn, args, fallback))

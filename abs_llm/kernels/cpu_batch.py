@@ -35,6 +35,8 @@ class Batch:
             with _lock:
                 # a forked child inherits the pool but not its threads: it would queue work that nobody runs
                 if not _pool or _pool[0]._max_workers < self.threads - 1 or _pool[1] != os.getpid():
+                    if _pool and _pool[1] == os.getpid():
+                        _pool[0].shutdown(wait=False)  # its threads end once a batch still using them is done
                     _pool[:] = [ThreadPoolExecutor(self.threads - 1, thread_name_prefix="abs_llm_switch"), os.getpid()]
                 pool = _pool[0]
             self._workers = [pool.submit(self._drain, True) for _ in range(self.threads - 1)]

@@ -205,7 +205,8 @@ def kernel(d: int, layout: str):
 
 def _call(fn, args: tuple, fallback=None) -> bool:
     """Run ``fn(*args)`` now, or queue it when a switch's :func:`.cpu_batch.batch` is open (``fallback()`` then runs
-    if ``fn`` returns ``False``). ``False``: it failed now (the fused path is then off)."""
+    if ``fn`` returns ``False``). ``False``: it raised (the fused path is then off) or refused its input (the scales
+    kernel: the caller takes the eager path)."""
     b = cpu_batch.current()
     if b is not None:
         b.submit(fn, args, fallback)

@@ -79,7 +79,7 @@ def test_calibration_texts(tmp_path):
 
 def test_interleave_gives_every_prefix_both_corpora():
     a = ["a" * 100] * 30
-    b = ["line %d " % i + "b" * 90 for i in range(60)]  # one 6,000-character document, cut at its line breaks
+    b = [f"line {i} " + "b" * 90 for i in range(60)]  # one 6,000-character document, cut at its line breaks
     mixed = interleave([a, ["\n".join(b)]], piece=1000)
     for n in (12, 25, len(mixed)):  # every prefix longer than a piece holds about as much of each corpus
         share = sum(len(d) for d in mixed[:n] if d.startswith("a")) / sum(len(d) for d in mixed[:n])

@@ -12,7 +12,7 @@ the Linear layers; the same numbers as a SwitchableLinear checkpoint on the fp32
 Splits: ``--split val`` = Lee validation (docs 225-249, 10 windows) + Wikipedia validation (first ``--wiki-chunks``
 windows); ``--split test`` = Lee held-out (docs 250-299, 25 windows) + Wikipedia test (first ``--wiki-chunks``
 windows). Calibration text: ``--calibration lee`` = Lee docs 0-224 (train without the validation docs), ``wiki`` =
-the Wikipedia train articles.
+the Wikipedia train articles, ``lee+wiki`` = both, interleaved by length (``abs_llm.data.calibration_texts``).
 
 Usage: python benchmarks/bench_gptq.py --split val --methods rtn,gptq --groups 64 --tag NAME [--options '{...}']
 Appends one JSON line per (setting, group) to --out.

@@ -156,7 +156,7 @@ class SwitchableLinear(nn.Module):
 
     def invalidate_cache(self) -> None:
         self._cache.clear()
-        self.__dict__.pop("_plans", None)
+        self._plans.clear()
 
     def invalidate_width(self, bits: int) -> None:
         """Drop the cached packs of one width."""
@@ -183,12 +183,11 @@ class SwitchableLinear(nn.Module):
         if p is not None:
             self._cache.move_to_end(key)
             return p
-        plans = self.__dict__.setdefault("_plans", {})  # setdefault: a layer unpickled from an older version
-        plan = plans.get((key, self._kernel))
+        plan = self._plans.get((key, self._kernel))
         if plan is None:  # the kernel and its size depend on nothing else: a cold switch asks once per layer
             kernel = kernels.choose(self.out_features, self.in_features, self._bits, self.group_size, dtype, device,
                                     self._kernel)
-            plan = plans[(key, self._kernel)] = (kernel, kernels.packed_nbytes(
+            plan = self._plans[(key, self._kernel)] = (kernel, kernels.packed_nbytes(
                 kernel, self.out_features, self.in_features, self.group_size, dtype))
         kernel = plan[0]
         cap = self.cache_bytes if self.cache_bytes is not None else CACHE_FACTOR * self.out_features * self.in_features

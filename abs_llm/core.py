@@ -146,6 +146,9 @@ def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x * factor + (x - x * factor).detach()
 
 
+FUSED = (False, True, "compile", "triton")  # True = "compile"
+
+
 def fake_quantize(
     w: torch.Tensor,
     scale: torch.Tensor,
@@ -154,15 +157,17 @@ def fake_quantize(
     group_size: int | None,
     lsq_grad_scale: bool = False,
     scale_grad_mult: float = 1.0,
-    fused: bool = False,
+    fused: bool | str = False,
 ) -> torch.Tensor:
     """Differentiable Double Rounding for training: the forward value equals
     ``derived_weight(quantize_master(w, scale))`` exactly; gradients are STE for ``w`` (1 inside the clipping range,
     0 outside) and LSQ for ``scale``: per element ``2^d (q_l - W / s_l)`` inside the range and ``2^d * q_l`` (the
     clipped bound) outside, summed over the group. ``lsq_grad_scale`` multiplies the scale gradient by LSQ's
     ``1 / sqrt(n_group * qmax_l)``; ``scale_grad_mult`` multiplies it too (ALRS in accumulate mode: applied inside the
-    backward, so it holds wherever the scale lives, DDP bucket or FSDP2 shard). ``fused=True`` runs the same math
-    through ``torch.compile`` (one generated kernel per pass instead of ~10 eager ones; see :func:`_kernels`).
+    backward, so it holds wherever the scale lives, DDP bucket or FSDP2 shard). ``fused=True`` (``"compile"``) runs
+    the same math through ``torch.compile`` (one generated kernel per pass instead of ~10 eager ones; see
+    :func:`_kernels`); ``"triton"`` runs one Triton pass forward and one backward (:mod:`abs_llm.kernels.triton_fq`;
+    CUDA float32, else the eager path).
     """
     if w.dtype in (torch.float16, torch.bfloat16):  # the grid of freeze()/quantize_master is computed in float32
         w = w.float()
@@ -171,7 +176,9 @@ def fake_quantize(
         cols = w.shape[1]
         g = cols if group_size is None else min(group_size, cols)
         s = grad_scale(s, 1.0 / math.sqrt(g * max(qrange(bits)[1], 1)))
-    return _FakeQuantize.apply(w, s, master_bits, bits, group_size, float(scale_grad_mult), bool(fused))
+    if fused not in FUSED:
+        raise ValueError(f"fused must be one of {FUSED}, got {fused!r}")
+    return _FakeQuantize.apply(w, s, master_bits, bits, group_size, float(scale_grad_mult), fused)
 
 
 def _fq_forward(w2: torch.Tensor, s2: torch.Tensor, inv: torch.Tensor, lo_h: torch.Tensor, lo: torch.Tensor,
@@ -218,6 +225,12 @@ def _consts(master_bits: int, bits: int, device, dtype) -> tuple[torch.Tensor, .
     return consts
 
 
+def _triton_fq():
+    from .kernels import triton_fq  # imports triton: only when asked for
+
+    return triton_fq
+
+
 @functools.cache
 def _kernels(fused: bool):
     """The forward/backward math, eager or through ``torch.compile`` (compiled lazily, once per process)."""
@@ -247,22 +260,39 @@ class _FakeQuantize(torch.autograd.Function):
         w2 = wg.reshape(-1, wg.shape[-1])
         inv, lo_h, lo, hi, step = _consts(master_bits, bits, w.device, w.dtype)
         s2 = s.reshape(-1, 1)
+        triton_out = None
+        if fused == "triton" and _triton_fq().usable(w2):  # one pass; the backward recomputes q_l and the mask
+            triton_out = _triton_fq().forward(w2, s2.view(-1), master_bits, bits)  # None: it failed (logged once)
+        fused = "triton" if triton_out is not None else fused is True or fused == "compile"
+        ctx.meta = (group_size, cols, scale_grad_mult, fused, master_bits, bits)
+        if triton_out is not None:
+            ctx.save_for_backward(w, s)
+            return _ungrouped(triton_out.view(wg.shape), cols)
         _rows_dynamic(fused, w2, s2)
         out, q, inside = _kernels(fused)[0](w2, s2, inv, lo_h, lo, hi, step)
         ctx.save_for_backward(w, s, q, inside, step)
-        ctx.meta = (group_size, cols, scale_grad_mult, fused)
         return _ungrouped(out.view(wg.shape), cols)
 
     @staticmethod
     def backward(ctx, grad):
-        w, s, q, inside, step = ctx.saved_tensors
-        group_size, cols, mult, fused = ctx.meta
+        group_size, cols, mult, fused, master_bits, bits = ctx.meta
         gg = _grouped(grad, group_size)  # the padded tail of a short last group gets zero gradient
         g2 = gg.reshape(-1, gg.shape[-1])
-        w2 = _grouped(w, group_size).reshape(g2.shape)
-        s1 = s.reshape(-1)
-        _rows_dynamic(fused, g2, w2, s1, q, inside)
-        grad_w, grad_s = _kernels(fused)[1](g2, w2, s1, q, inside, step)
+        if fused == "triton":
+            w, s = ctx.saved_tensors
+            w2 = _grouped(w, group_size).reshape(g2.shape)
+            grads = _triton_fq().backward(g2, w2, s.reshape(-1), master_bits, bits)
+            if grads is None:  # it failed (logged once): the eager backward, from q_l and the mask computed again
+                consts = _consts(master_bits, bits, w.device, w.dtype)
+                _, q, inside = _fq_forward(w2, s.reshape(-1, 1), *consts)
+                grads = _fq_backward(g2, w2, s.reshape(-1), q, inside, consts[-1])
+            grad_w, grad_s = grads
+        else:
+            w, s, q, inside, step = ctx.saved_tensors
+            w2 = _grouped(w, group_size).reshape(g2.shape)
+            s1 = s.reshape(-1)
+            _rows_dynamic(fused, g2, w2, s1, q, inside)
+            grad_w, grad_s = _kernels(fused)[1](g2, w2, s1, q, inside, step)
         grad_s = grad_s.view(s.shape) if ctx.needs_input_grad[1] else None
         if grad_s is not None and mult != 1.0:
             grad_s = grad_s * mult

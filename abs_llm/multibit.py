@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .core import FUSED
 from .switching import allowed_bits, require_layers
 
 KD_MODES = ("teacher", "inplace", "none")
@@ -36,9 +37,11 @@ class MultiBitConfig:
         ``hasb.json`` of ``abs-llm search``); None: the traces stored in the model's quantization config.
     hasb_sigma_schedule, hasb_sigma_min, hasb_sigma_max: resampling probability sigma over training progress.
     hasb_seed: the maps are drawn from ``(hasb_seed, step, bit index)``, so resumed and DDP runs draw the same maps.
-    fused: run the fake quantization through ``torch.compile`` (``core.fake_quantize(fused=True)``): one generated
-        kernel per pass over the weights instead of ~10 eager ones, the main per-width overhead on a GPU. Off by
-        default: compiling takes a while on first use and needs a C++ compiler on CPU.
+    fused: how the fake quantization runs. ``True`` / ``"compile"``: through ``torch.compile``
+        (``core.fake_quantize(fused=True)``), one generated kernel per pass over the weights instead of ~10 eager
+        ones; compiling takes a while on first use and needs a C++ compiler on CPU. ``"triton"``: one Triton pass
+        forward and one backward, nothing saved but the latent weight and scale (CUDA; on CPU it falls back to the
+        eager path). Off by default (the per-width overhead they cut matters on a GPU; BENCHMARKS.md, "QAT step").
     loss_norm: divide each bit-width's loss by a running mean of itself (detached), so every precision pushes the
         shared weights by its *relative* improvement. Without it a 2-bit KL of ~10 nats drowns an 8-bit KL of ~1e-3
         and the low bits drag the shared weights away from the high ones (issue 7's naive prototype).
@@ -55,7 +58,7 @@ class MultiBitConfig:
     kd_alpha: float = 1.0
     kd_temperature: float = 1.0
     loss_norm: bool = False
-    fused: bool = False
+    fused: bool | str = False
     per_bit_scale_state: bool = False
     hasb: bool = False
     hasb_traces: dict[str, float] | str | None = None
@@ -128,6 +131,8 @@ def validate(model, args, mb: MultiBitConfig, teacher, train_dataset) -> dict:
                          f" got bits {bits}")
     if not 0.0 <= mb.kd_alpha <= 1.0 or not mb.kd_temperature > 0:
         raise ValueError("kd_alpha must be in [0, 1] and kd_temperature > 0")
+    if mb.fused not in FUSED:
+        raise ValueError(f"fused must be one of {FUSED} (True = 'compile'), got {mb.fused!r}")
     if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
         raise ValueError("the training dataset is empty")
     return layers

@@ -4,7 +4,8 @@
 One process, one batch. "float" = forward + backward + fused AdamW step of the float model (LM loss); the reference
 is five of them (one per width). "joint" = ``MultiBitTrainer.training_step`` over every width (fake-quantized
 forward + backward per width) plus the optimiser step(s), in accumulate mode (one step) and step-per-bit mode (a
-step after every width, the paper's Alg. A.2), with the fake quantization eager or ``fused`` (``torch.compile``).
+step after every width, the paper's Alg. A.2), with the fake quantization eager or ``fused`` (``torch.compile``, and on
+CUDA the two Triton passes of ``kernels/triton_fq.py``).
 Settings are timed round-robin over the repeats (a burst of load from another process hits every setting alike);
 medians are reported, the Markdown table is printed last.
 
@@ -66,7 +67,7 @@ def float_stepper(model, batch, device):
 
 def joint_stepper(qmodel, batch, args, step_per_bit, fused, teacher):
     """Every setting shares one quantized model (its own optimiser state); ``fused`` is re-applied per step."""
-    extra = {"fused": True} if fused else {}  # so the script also times code from before `fused` existed
+    extra = {"fused": fused} if fused else {}  # so the script also times code from before `fused` existed
     mb = MultiBitConfig(bits=BITS, step_per_bit=step_per_bit, scale_lr=1e-4,
                         kd="teacher" if teacher is not None else "none", **extra)
     targs = TrainingArguments(output_dir=str(Path(args.workdir) / "step"), report_to=[], learning_rate=1e-5,
@@ -94,11 +95,13 @@ def run(args) -> dict:
     batch = {"input_ids": ids, "labels": ids}
     teacher = copy.deepcopy(model).eval() if args.kd else None
     settings = {"float x1": float_stepper(model.train(), batch, device)}
-    fused_options = [False, True] if args.fused else [False]
+    fused_options = [False]
+    if args.fused:  # torch.compile'd fake quantization; the Triton passes where they run (CUDA)
+        fused_options += ["compile", "triton"] if device.type == "cuda" else ["compile"]
     q = quantize(copy.deepcopy(model), DoubleRoundingConfig(candidate_bits=BITS, group_size=64), trainable=True)
     for step_per_bit in (False, True):
         for fused in fused_options:
-            name = f"joint {'step-per-bit' if step_per_bit else 'accumulate'}{' fused' if fused else ''}"
+            name = f"joint {'step-per-bit' if step_per_bit else 'accumulate'}{f' fused {fused}' if fused else ''}"
             settings[name] = joint_stepper(q, batch, args, step_per_bit, fused, teacher)
     times = {k: [] for k in settings}
     t_warm = time.perf_counter()
@@ -135,7 +138,7 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--kd", action="store_true", help="distil from a float teacher (teacher forward once per step)")
-    p.add_argument("--no-fused", dest="fused", action="store_false", help="skip the torch.compile settings")
+    p.add_argument("--no-fused", dest="fused", action="store_false", help="skip the fused (torch.compile, Triton) settings")
     p.add_argument("--no-tf32", dest="tf32", action="store_false")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, 1 repeat, eager only (seconds)")
     p.add_argument("--workdir", default="outputs/bench_qat_step")

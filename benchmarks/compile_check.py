@@ -1,7 +1,8 @@
 """Compile every Triton kernel variant for a CUDA target without a GPU (triton ships ptxas) and report registers,
 spills (stack/local bytes) and shared memory: what the interpreter cannot check (``tl.dot`` shapes and dtypes, layouts,
 resource limits). Variants: those bench_gpu.py runs (widths 8/6/4/3/2, per-channel and group 128, bf16; GEMV configs,
-GEMM row buckets 16 and 64, the dense kernel, the pack kernel, the split-K reduction).
+GEMM row buckets 16 and 64, the dense kernel, the pack kernel, the split-K reduction, and QAT's fused fake
+quantization forward and backward).
 
 Usage: python benchmarks/compile_check.py [--arch 90] [--quick]   (``--quick``: a few variants, for CI)
 Exit status 1 if a variant fails to compile or spills.
@@ -25,7 +26,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from abs_llm.kernels import layouts, triton_gemm, triton_gemv, triton_linear, triton_pack  # noqa: E402
+from abs_llm.kernels import layouts, triton_fq, triton_gemm, triton_gemv, triton_linear, triton_pack  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 PTRS = dict(x_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32", m_ptr="*i8", s_ptr="*fp32")
@@ -75,6 +76,14 @@ def variants(quick: bool):
                 sig = {"m_ptr": "*i8", "p_ptr": "*i32", "N": "i32", "K": "i32", "NBLK": "i32"}
                 consts = dict(BITS=bits, D=8 - bits, W=w, SH=sh, L=lay.lanes, SEG_=layouts.SEG, BN=32)
                 yield f"pack w{bits} plane {w}", triton_pack._pack_kernel, sig, consts, 4
+    scalars = {k: "fp32" for k in ("inv", "lo_h", "lo", "hi", "step")}
+    for cols in (64,) if quick else (64, 128, 4096):  # QAT fake quantization: group 64 / 128, per-channel rows
+        br, bc = triton_fq._blocks(cols)
+        sig = {"w_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": "*fp32", "rows": "i32", "cols": "i32", **scalars}
+        yield f"fake-quant fwd cols {cols}", triton_fq._fq_fwd, sig, {"BR": br, "BC": bc}, 4
+        sig = {"g_ptr": "*fp32", "w_ptr": "*fp32", "s_ptr": "*fp32", "gw_ptr": "*fp32", "gs_ptr": "*fp32",
+               "rows": "i32", "cols": "i32", **scalars}
+        yield f"fake-quant bwd cols {cols}", triton_fq._fq_bwd, sig, {"BR": br, "BC": bc}, 4
     yield ("reduce", triton_gemv._reduce_kernel, {"part_ptr": "*fp32", "y_ptr": "*bf16", "MN": "i32", "SPLIT": "i32"},
            {"BLOCK": 1024}, 4)
 

@@ -118,6 +118,8 @@ def test_bad_input_is_refused_before_training(tiny_tok, tmp_path):
         MultiBitTrainer(model=q, args=args, multibit=MultiBitConfig(kd="none", scale_lr=-1.0))
     with pytest.raises(ValueError, match="teacher"):
         MultiBitTrainer(model=q, args=args, multibit=MultiBitConfig())
+    with pytest.raises(ValueError, match="fused must be one of"):
+        MultiBitTrainer(model=q, args=args, multibit=MultiBitConfig(kd="none", fused="cuda"))
     with pytest.raises(ValueError, match="empty"):
         MultiBitTrainer(model=q, args=args, multibit=MultiBitConfig(kd="none"), train_dataset=[])
     with pytest.raises(ValueError, match="too short"):

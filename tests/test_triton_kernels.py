@@ -179,3 +179,110 @@ def test_requirements_without_gpu_or_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "CUDA" in triton_base.requirements(64, 128, 4, 64, torch.bfloat16, cpu)
     assert dispatch.choose(64, 128, 4, 64, torch.bfloat16, cpu) == "int4pack"  # CPU auto never picks triton
+
+
+# ---- fused fake quantization for QAT (kernels/triton_fq.py) -------------------------------------------------------
+@pytest.mark.parametrize("shape, group_size", [((64, 128), 64), ((48, 100), 64), ((32, 96), None), ((16, 40), 16)])
+def test_triton_fake_quantize_matches_eager(shape, group_size):
+    """Forward values and weight gradients bit for bit at every width (incl. clipped weights, a short last group and
+    per-channel scales); the scale gradient up to float32 summation order; ALRS's scale_grad_mult and LSQ's gradient
+    scale apply alike."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g) * 0.05
+    w[0, :5] = torch.tensor([1.0, -1.0, 0.5, -0.7, 3.0])  # beyond the clipped scale's range at every width
+    s = core.init_scale(w, 8, group_size) * 0.9
+    for bits in (8, 6, 4, 3, 2):
+        for kw in ({}, {"scale_grad_mult": 0.01, "lsq_grad_scale": True}):
+            res = []
+            for fused in (False, "triton"):
+                wv, sv = w.clone().requires_grad_(True), s.clone().requires_grad_(True)
+                out = core.fake_quantize(wv, sv, 8, bits, group_size, fused=fused, **kw)
+                out.backward(torch.randn(shape, generator=torch.Generator().manual_seed(bits)))
+                res.append((out.detach(), wv.grad, sv.grad))
+            (o0, gw0, gs0), (o1, gw1, gs1) = res
+            assert torch.equal(o0, o1) and torch.equal(gw0, gw1), (bits, kw)
+            torch.testing.assert_close(gs1, gs0, rtol=0, atol=1e-5 * float(gs0.abs().max()))
+
+
+def test_triton_fake_quantize_in_a_training_step(tmp_path, monkeypatch):
+    """A step-per-bit QAT step with ``fused="triton"`` gives the eager step's losses and moves the weights the same
+    (SGD: Adam would turn the scale gradients' float32 rounding on near-zero gradients into full-size steps)."""
+    from transformers import LlamaForCausalLM, TrainingArguments
+
+    from abs_llm import DoubleRoundingConfig, quantize
+    from abs_llm.multibit import MultiBitConfig
+    from abs_llm.training import MultiBitTrainer
+    from conftest import tiny_llama_config
+
+    from abs_llm.kernels import triton_fq
+
+    calls = []
+    monkeypatch.setattr(triton_fq, "backward", lambda *a, f=triton_fq.backward: calls.append(1) or f(*a))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for fused in (False, "triton"):
+        torch.manual_seed(0)
+        q = quantize(LlamaForCausalLM(tiny_llama_config()), DoubleRoundingConfig(candidate_bits=[8, 4, 2]),
+                     trainable=True)
+        args = TrainingArguments(output_dir=str(tmp_path / str(fused)), report_to=[], use_cpu=True, learning_rate=1e-3,
+                                 optim="sgd")
+        tr = MultiBitTrainer(model=q, args=args, multibit=MultiBitConfig(kd="none", step_per_bit=True, fused=fused))
+        tr.create_optimizer_and_scheduler(num_training_steps=10)
+        loss = tr.training_step(tr.model, {"input_ids": ids, "labels": ids})
+        runs.append((float(loss), {n: p.detach().clone() for n, p in tr.model.named_parameters()}))
+    assert len(calls) == 3 * 14  # every width's backward went through the Triton pass (14 layers)
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+    for n, p in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][n], p, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_fused_mode_is_checked():
+    with pytest.raises(ValueError, match="fused must be one of"):
+        core.fake_quantize(torch.randn(4, 8), torch.ones(4, 1), 8, 4, None, fused="cuda")
+
+
+def test_triton_fake_quantize_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
+    """A Triton kernel that raises (or fails its first-use check) leaves training on the eager path: same values and
+    gradients, one WARNING, and the kernel is not tried again on that device."""
+    from abs_llm.kernels import triton_fq
+
+    monkeypatch.setattr(triton_fq, "_state", {})
+    common._said.clear()
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("simulated compile error")
+
+    monkeypatch.setattr(triton_fq, "_fq_fwd", type("K", (), {"__getitem__": lambda self, grid: broken})())
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    s = core.init_scale(w, 8, 64)
+    with caplog.at_level(logging.WARNING, logger="abs_llm.kernels"):
+        for _ in range(2):
+            wv, sv = w.clone().requires_grad_(True), s.clone().requires_grad_(True)
+            out = core.fake_quantize(wv, sv, 8, 4, 64, fused="triton")
+            out.sum().backward()
+            assert torch.equal(out, core.fake_quantize(w, s, 8, 4, 64))
+    assert len(calls) == 1 and sum("fake quantization failed" in r.message for r in caplog.records) == 1
+    assert wv.grad is not None and sv.grad is not None
+
+
+def test_triton_backward_failure_falls_back_to_the_eager_gradients(monkeypatch):
+    from abs_llm.kernels import triton_fq
+
+    monkeypatch.setattr(triton_fq, "_state", {})
+    common._said.clear()
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated launch error")
+
+    monkeypatch.setattr(triton_fq, "_fq_bwd", type("K", (), {"__getitem__": lambda self, grid: broken})())
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    s = core.init_scale(w, 8, 64) * 0.8
+    grads = []
+    for fused in (False, "triton"):
+        wv, sv = w.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        core.fake_quantize(wv, sv, 8, 3, 64, fused=fused).backward(torch.ones_like(w))
+        grads.append((wv.grad, sv.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert triton_fq._state[(w.device, "bwd")] is False

@@ -110,7 +110,7 @@ class SwitchableLinear(nn.Module):
     # ---- master access ------------------------------------------------------------------------------------------
     @property
     def trainable(self) -> bool:
-        return self.weight is not None
+        return self._parameters.get("weight") is not None  # not self.weight: nn.Module.__getattr__ is slow per switch
 
     @property
     def qweight(self) -> torch.Tensor:

@@ -59,8 +59,12 @@ def _is_int(b) -> bool:
 def check_bits(target: nn.Module, bits, what: str = "bits", where: str = ""):
     """``bits`` (an int, or a list of ints) unchanged if every entry is an allowed width of ``target`` (see
     :func:`allowed_bits`); else a ``ValueError`` naming the offending value and the allowed widths."""
-    allowed = allowed_bits(target)
     many = isinstance(bits, (list, tuple))
+    if not many and _is_int(bits):  # the common case, per switch: no set of the widths every layer shares
+        layers = (target,) if isinstance(target, SwitchableLinear) else require_layers(target).values()
+        if all(bits in m.candidate_bits for m in layers):
+            return bits
+    allowed = allowed_bits(target)
     bad = [b for b in (bits if many else [bits]) if not _is_int(b) or b not in allowed]
     if bad or (many and not bits):
         shown = bits if many else bad[0]
@@ -95,8 +99,8 @@ def set_bits(model: nn.Module, bits: int | dict[str, int], kernel: str | None = 
     else:
         check_bits(model, bits)
         plan = {n: bits for n in layers}
-    before = {n: (m.bits, m.kernel) for n, m in layers.items()}
-    set_one = SwitchableLinear.bits.fset  # the property setter (validates) without nn.Module.__setattr__'s checks
+    kernels_before = {n: m.kernel for n, m in layers.items()} if kernel is not None else {}
+    bits_before = []  # (layer, its bits) in switching order: what an exception puts back
     try:
         if kernel is not None:
             for layer in layers.values():
@@ -104,9 +108,11 @@ def set_bits(model: nn.Module, bits: int | dict[str, int], kernel: str | None = 
         # the layers' compiled packing runs on torch's other threads while this one goes on with the next layer
         with cpu_fused.switch_batch(torch.get_num_threads() if prepare else 1) as batch:
             for name, b in plan.items():
-                set_one(layers[name], b)
+                layer = layers[name]
+                bits_before.append((layer, layer._bits))
+                layer.__dict__["_bits"] = int(b)  # validated above; the property setter would check again per layer
                 if prepare:
-                    layers[name].prepare()  # may run out of memory half-way: then every layer goes back
+                    layer.prepare()  # may run out of memory half-way: then every layer goes back
         if batch is not None and batch.errors:
             for name, b in plan.items():  # the fused path is off now: pack what this switch packed again, eagerly
                 layers[name].invalidate_width(b)
@@ -114,11 +120,12 @@ def set_bits(model: nn.Module, bits: int | dict[str, int], kernel: str | None = 
     except BaseException:
         for name, b in plan.items():  # packs queued by this switch may be unwritten
             layers[name].invalidate_width(b)
-        for name, (b, k) in before.items():
-            set_one(layers[name], b)
+        for layer, b in bits_before:
+            layer.__dict__["_bits"] = b
+        for name, k in kernels_before.items():
             layers[name].kernel = k
         raise
-    _sync_config(model, layers, kernel)
+    _sync_config(model, layers, kernel, None if isinstance(bits, dict) else int(bits))
     return model
 
 
@@ -129,12 +136,16 @@ def get_bits(model: nn.Module) -> int | dict[str, int]:
     return values.pop() if len(values) == 1 else per_layer
 
 
-def _sync_config(model: nn.Module, layers: dict[str, SwitchableLinear], kernel: str | None = None) -> None:
+def _sync_config(model: nn.Module, layers: dict[str, SwitchableLinear], kernel: str | None = None,
+                 uniform: int | None = None) -> None:
     qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
     if qcfg is None or isinstance(qcfg, dict):
         return
     if kernel is not None:
         qcfg.kernel = kernel
+    if uniform is not None:  # every layer was just set to it: no need to count
+        qcfg.bits, qcfg.layer_bits = uniform, None
+        return
     counts: dict[int, int] = {}
     for m in layers.values():
         counts[m.bits] = counts.get(m.bits, 0) + 1

@@ -8,7 +8,8 @@ every pair. Baselines: "copy" = ``copy_`` of every INT8 master into preallocated
 switch (the ratio "x copy" is the median of these paired ratios, so both sides see the same machine load), and
 "clone" = ``clone()`` of every master kept alive (allocation + page faults, as a switch pays them too). The first fused
 switch of the process (kernels loaded from numba's disk cache) and the compile cost in a fresh process with an empty
-cache are reported apart.
+cache are reported apart. "ping-pong": switching back and forth between two widths that are both cached (Python
+only; median of 101 switches, against the same copy).
 
 Usage: python benchmarks/bench_switch_cpu.py [--repeats 5] [--threads 1,2] [--out benchmarks/results/switch_cpu.json]
 """
@@ -38,6 +39,9 @@ from common import machine_info  # noqa: E402
 
 PAIRS = ((8, 4), (4, 2), (2, 8), (8, 6), (6, 3))
 VARIANTS = ("fused", "eager")
+# cached ping-pong: a pair whose two packs fit the default cache cap together (CACHE_FACTOR)
+PING_PONG = {"groupnone": (8, 4), "group64": (4, 2)}
+PING_PONG_SWITCHES = 101
 
 
 def cold_switch(model, layers, src, dst) -> float:
@@ -108,11 +112,22 @@ def bench(models, repeats: int) -> dict:
                         raw["copy"].append(c)
                         raw[f"{v} {s}->{d}"].append(cold_switch(model, layers, s, d))
                         ratios[f"{v} {s}->{d}"].append(raw[f"{v} {s}->{d}"][-1] / c)
-        cpu_fused.ENABLED = True
+            cpu_fused.ENABLED = True
+            pair = PING_PONG[key]
+            set_bits(model, pair[0])
+            set_bits(model, pair[1])
+            pp = []
+            for i in range(PING_PONG_SWITCHES):
+                t = time.perf_counter()
+                set_bits(model, pair[i % 2])
+                pp.append(time.perf_counter() - t)
+            cached = all(any(k[0] == b for k in m._cache) for m in layers for b in pair)
         med = {k: statistics.median(v) for k, v in raw.items()}
         res[key] = {"layers": len(layers), "master_MB": sum(m.numel() for m in masters) / 1e6, "exact": exact,
                     "seconds": med, "x_copy": {k: statistics.median(v) for k, v in ratios.items()},
-                    "x_clone": {k: v / med["clone"] for k, v in med.items()}, "raw_seconds": raw}
+                    "x_clone": {k: v / med["clone"] for k, v in med.items()}, "raw_seconds": raw,
+                    "ping_pong": {"pair": pair, "both_cached": cached, "seconds": statistics.median(pp),
+                                  "x_copy": statistics.median(pp) / med["copy"]}}
     res["load_after"] = os.getloadavg()
     return res
 
@@ -133,6 +148,10 @@ def table(res: dict, threads: int) -> str:
                 cells.append(f"{r['seconds'][k] * 1e3:.1f} ms ({r['x_copy'][k]:.1f}x)"
                              + ("" if v == "eager" or r["exact"][f"{s}->{d}"] else " NOT EXACT"))
         rows.append(f"| {s} -> {d} | " + " | ".join(cells) + " |")
+    pp = [r["ping_pong"] for r in g]
+    rows.append("| ping-pong (both widths cached) | " + " | ".join(
+        f"{p['pair'][0]} <-> {p['pair'][1]}: {p['seconds'] * 1e6:.0f} us ({p['x_copy']:.3f}x)"
+        f"{'' if p['both_cached'] else ' NOT CACHED'} | " for p in pp) + " |")
     return head + "\n".join(rows)
 
 

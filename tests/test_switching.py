@@ -60,3 +60,19 @@ def test_set_bits_kernel_knob_packs_eagerly_and_validates():
         set_bits(model, 8, kernel="magic")
     assert layer.bits == 4 and layer.kernel == "dequant"
 
+
+
+def test_switch_mirrors_the_widths_into_the_config_and_refuses_a_width_one_layer_lacks():
+    model = quantize(LlamaForCausalLM(tiny_llama_config()), DoubleRoundingConfig(candidate_bits=[8, 4, 2]))
+    qcfg, names = model.config.quantization_config, list(require_layers(model))
+    set_bits(model, {names[0]: 2})
+    assert (qcfg.bits, qcfg.layer_bits) == (8, {names[0]: 2})
+    set_bits(model, 4)  # a whole-model switch leaves no per-layer exceptions behind
+    assert (qcfg.bits, qcfg.layer_bits) == (4, None) and get_bits(model) == 4
+    set_bits(model, {n: 2 for n in names[1:]})
+    assert (qcfg.bits, qcfg.layer_bits) == (2, {names[0]: 4})
+    odd = require_layers(model)[names[3]]
+    odd.candidate_bits = (8, 4)  # one layer without 2 bits: the model as a whole cannot take 2
+    with pytest.raises(ValueError, match=r"bits=2 is not a candidate bit-width; allowed \[4, 8\]"):
+        set_bits(model, 2)
+    assert get_bits(model)[names[3]] == 2 and qcfg.layer_bits == {names[0]: 4}  # nothing changed

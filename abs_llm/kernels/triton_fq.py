@@ -21,7 +21,7 @@ import logging
 import torch
 
 from .common import say_once
-from .triton_base import available, interpreting, tl, triton
+from .triton_base import available, cdiv, interpreting, tl, triton
 
 if triton is not None:
     _MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + M - M rounds x to an integer, half to even, for |x| < 2^22
@@ -128,7 +128,7 @@ def forward(w2: torch.Tensor, s: torch.Tensor, master_bits: int, bits: int) -> t
     def run():
         out = torch.empty_like(w2)
         br, bc = _blocks(cols)
-        _fq_fwd[(triton.cdiv(rows, br),)](w2, s, out, rows, cols, *_consts(master_bits, bits), BR=br, BC=bc)
+        _fq_fwd[(cdiv(rows, br),)](w2, s, out, rows, cols, *_consts(master_bits, bits), BR=br, BC=bc)
         return out
 
     return _checked((w2.device, "fwd"), run, lambda: _eager(w2, s, master_bits, bits)[0], torch.equal)
@@ -144,7 +144,7 @@ def backward(g2: torch.Tensor, w2: torch.Tensor, s: torch.Tensor, master_bits: i
     def run():
         gw, gs = torch.empty_like(w2), torch.empty_like(s)
         br, bc = _blocks(cols)
-        _fq_bwd[(triton.cdiv(rows, br),)](g2, w2, s, gw, gs, rows, cols, *_consts(master_bits, bits), BR=br, BC=bc)
+        _fq_bwd[(cdiv(rows, br),)](g2, w2, s, gw, gs, rows, cols, *_consts(master_bits, bits), BR=br, BC=bc)
         return gw, gs
 
     def reference():

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -19,7 +20,7 @@ import torch
 
 from .common import Packed, say_once
 from .layouts import SEG, Layout, pack_planes
-from .triton_base import interpreting, triton
+from .triton_base import cdiv, interpreting, triton
 from .triton_gemm import _dequant_kernel, _gemm_kernel
 from .triton_gemv import _gemv_kernel, _reduce_kernel
 from .triton_pack import pack_planes_triton
@@ -44,6 +45,19 @@ CHECKED: dict = {}  # (bits, master_bits, group_size, dtype, n, k, device type) 
 FORCE: dict = {}  # tests: {"gemv": (cfg, split), "gemm": (cfg, split)} bypasses the tuner
 
 
+def _dummy(device) -> torch.Tensor:
+    """A float32 pointer for the split-K partials when there is no split (never read or written then): one per device,
+    not one allocation per layer per switch."""
+    t = _DUMMIES.get(device)
+    if t is None:
+        t = _DUMMIES[device] = torch.empty(1, dtype=torch.float32, device=device)
+    return t
+
+
+_DUMMIES: dict = {}
+
+
+@functools.cache  # a switch asks once per layer; callers only read the dict
 def kernel_consts(bits, master_bits, group_size, n, k) -> tuple[dict, int, int]:
     """The kernels' constexprs for a layer (see triton_gemv's glossary), its segments per block and block count."""
     if bits == master_bits == 8:  # read the int8 master: 128-column blocks of 32-column segments (16 for group 16)
@@ -82,7 +96,7 @@ class TritonLinear:
         self.ptrs = (self.master, self.scale, p[0], p[1], p[2])
         self.nbytes = sum(t.numel() * t.element_size() for t in self.planes)
         self.sig = (bits, master_bits, group_size, self.n, self.k)
-        self.dummy = torch.empty(1, dtype=torch.float32, device=self.device)
+        self.dummy = _dummy(self.device)
         self.chosen: dict = {}
 
     # ---- launching ----------------------------------------------------------------------------------------------
@@ -102,21 +116,21 @@ class TritonLinear:
         part = torch.empty(split, m, self.n, dtype=torch.float32, device=x2.device) if split > 1 else self.dummy
         ng = self.scale.shape[1]
         if path == "gemv":
-            grid = (triton.cdiv(self.n, bn), split)
+            grid = (cdiv(self.n, bn), split)
             _gemv_kernel[grid](x2, y, part, *self.ptrs, self.n, self.k, ng, self.nblk, bps, split, **self.consts,
                                BN=bn, NB=nb, num_warps=warps, num_stages=stages)
         else:
             bm = _rows_bucket(m)
-            grid = (triton.cdiv(self.n, bn), split, triton.cdiv(m, bm))
+            grid = (cdiv(self.n, bn), split, cdiv(m, bm))
             _gemm_kernel[grid](x2, y, part, *self.ptrs, m, self.n, self.k, x2.stride(0), ng, self.nblk, bps,
                                split, **self.consts, BM=bm, BN=bn, NB=nb, num_warps=warps, num_stages=stages)
         if split > 1:
-            _reduce_kernel[(triton.cdiv(m * self.n, 1024),)](part, y, m * self.n, split, BLOCK=1024, num_warps=4)
+            _reduce_kernel[(cdiv(m * self.n, 1024),)](part, y, m * self.n, split, BLOCK=1024, num_warps=4)
 
     def dense(self, dtype) -> torch.Tensor:
         """``W_l`` in ``dtype`` (transient: not cached, so no float copy stays resident)."""
         w = torch.empty(self.n, self.k, dtype=dtype, device=self.device)
-        grid = (triton.cdiv(self.n, 32), self.nblk)
+        grid = (cdiv(self.n, 32), self.nblk)
         _dequant_kernel[grid](w, *self.ptrs, self.n, self.k, self.scale.shape[1], self.nblk, **self.consts, BN=32,
                               num_warps=4)
         return w
@@ -125,7 +139,7 @@ class TritonLinear:
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 4
         out = []
         for cfg in GEMV_CONFIGS if path == "gemv" else GEMM_CONFIGS[_rows_bucket(m)]:
-            programs = triton.cdiv(self.n, cfg[0]) * (1 if path == "gemv" else triton.cdiv(m, _rows_bucket(m)))
+            programs = cdiv(self.n, cfg[0]) * (1 if path == "gemv" else cdiv(m, _rows_bucket(m)))
             split = min(self.nblk, max(1, math.ceil(3 * sms / programs)))
             out += [(cfg, s) for s in dict.fromkeys((min(self.nblk, 2 * split), split, 1))]
         return out + ([(DENSE, 1)] if path == "gemm" and self.device.type == "cuda" else [])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .layouts import SEG, Layout, pack_planes
-from .triton_base import available, tl, triton
+from .triton_base import available, cdiv, tl, triton
 
 available()  # under TRITON_INTERPRET=1, patch the interpreter before any kernel runs
 MAGIC = 0x4B000000  # float32 bits of 2^23: OR-ing u < 2^23 into the mantissa gives the float 2^23 + u exactly
@@ -82,7 +82,7 @@ def pack_planes_triton(q_master: torch.Tensor, master_bits: int, bits: int) -> t
     planes = []
     for w, sh in zip(lay.widths, lay.shifts):
         p = torch.empty(n, lay.row_words(w), dtype=torch.int32, device=q.device)
-        grid = (triton.cdiv(n, 32), lay.nblocks)
+        grid = (cdiv(n, 32), lay.nblocks)
         _pack_kernel[grid](q, p, n, k, lay.nblocks, BITS=bits, D=master_bits - bits, W=w, SH=sh, L=lay.lanes,
                            SEG_=SEG, BN=32, num_warps=4)
         planes.append(p)

@@ -72,10 +72,13 @@ def variants(quick: bool):
                 yield f"dense {tag}", triton_gemm._dequant_kernel, sig, {**consts, "BN": 32}, 4
         if bits < 8:
             lay = layouts.Layout(bits, 4096, 14336)
-            for w, sh in zip(lay.widths, lay.shifts):
-                sig = {"m_ptr": "*i8", "p_ptr": "*i32", "N": "i32", "K": "i32", "NBLK": "i32"}
-                consts = dict(BITS=bits, D=8 - bits, W=w, SH=sh, L=lay.lanes, SEG_=layouts.SEG, BN=32)
-                yield f"pack w{bits} plane {w}", triton_pack._pack_kernel, sig, consts, 4
+            w = tuple(lay.widths) + (0,) * (3 - len(lay.widths))
+            sh = tuple(lay.shifts) + (0,) * (3 - len(lay.shifts))
+            sig = {"m_ptr": "*i8", "p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32", "N": "i32", "K": "i32",
+                   "NBLK": "i32"}
+            consts = dict(BITS=bits, D=8 - bits, W0=w[0], W1=w[1], W2=w[2], SH0=sh[0], SH1=sh[1], SH2=sh[2],
+                          L=lay.lanes, SEG_=layouts.SEG, BN=32)
+            yield f"pack w{bits} (all planes)", triton_pack._pack_kernel, sig, consts, 4
     scalars = {k: "fp32" for k in ("inv", "lo_h", "lo", "hi", "step")}
     for cols in (64,) if quick else (64, 128, 4096):  # QAT fake quantization: group 64 / 128, per-channel rows
         br, bc = triton_fq._blocks(cols)

@@ -65,7 +65,7 @@ def test_pack_roundtrip_and_triton_pack_kernel_match(master_bits, shape):
         planes = layouts.pack_planes(q, master_bits, bits)
         assert torch.equal(layouts.unpack_planes(planes, bits, *shape), core.derive(q, master_bits, bits))
         got = triton_pack.pack_planes_triton(q, master_bits, bits)
-        assert all(torch.equal(a, b) for a, b in zip(got, planes)), bits
+        assert len(got) == len(planes) and all(torch.equal(a, b) for a, b in zip(got, planes)), bits
 
 
 def run(q, s, bits, group_size, dtype, m, master_bits=8, force=None):

@@ -1,6 +1,6 @@
 """The ``triton`` kernel: packs a width on the device and runs the GEMV (1 row) or GEMM (2+ rows) kernel.
 
-- Switching costs one Triton pass over the master per plane (:func:`.triton_pack.pack_planes_triton`); at 8 bits
+- Switching costs one Triton pass over the master for all planes (:func:`.triton_pack.pack_planes_triton`); at 8 bits
   nothing is packed (the kernels read the int8 master: zero copy), and the scales are never copied (the kernels read
   the master's fp32 scales and apply ``2^d`` themselves). Resident bytes: master + ``bits/8`` per weight.
 - Configs are chosen by measurement, once per (path, rows bucket, shape, layout, dtype), among a few candidates that

@@ -53,40 +53,70 @@ def _load_group(p, rows, row_words, blk, s: tl.constexpr, W: tl.constexpr, L: tl
 
 
 @triton.jit
-def _pack_kernel(m_ptr, p_ptr, N, K, NBLK,
-                 BITS: tl.constexpr, D: tl.constexpr, W: tl.constexpr, SH: tl.constexpr, L: tl.constexpr,
-                 SEG_: tl.constexpr, BN: tl.constexpr):
+def _plane_bits(word, u, s: tl.constexpr, W: tl.constexpr, SH: tl.constexpr):
+    """``word`` with segment ``s``'s field of a plane of width ``W`` added (a new word at each group's first segment)."""
+    E: tl.constexpr = 32 // W
+    field = ((u >> SH) & ((1 << W) - 1)) << ((s % E) * W)
+    if s % E == 0:
+        return field
+    return word | field
+
+
+@triton.jit
+def _store_plane(p_ptr, word, rows, blk, t, nmask, NBLK, s: tl.constexpr, W: tl.constexpr, L: tl.constexpr,
+                 SEG_: tl.constexpr):
+    """Store a plane's word after the last segment of its group."""
+    E: tl.constexpr = 32 // W
+    WPB: tl.constexpr = (L // E) * SEG_
+    if s % E == E - 1:
+        tl.store(p_ptr + rows[:, None] * (NBLK * WPB) + blk * WPB + (s // E) * SEG_ + t[None, :], word,
+                 mask=nmask[:, None])
+
+
+@triton.jit
+def _pack_kernel(m_ptr, p0_ptr, p1_ptr, p2_ptr, N, K, NBLK,
+                 BITS: tl.constexpr, D: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+                 SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr, L: tl.constexpr, SEG_: tl.constexpr,
+                 BN: tl.constexpr):
+    # every plane of one block of one row tile in one pass: each master segment is loaded and derived once, and its
+    # bits go into the word of each plane (W = 0: no such plane)
     pid_n = tl.program_id(0)
     blk = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     rows = offs_n.to(tl.int64)
     nmask = offs_n < N
     t = tl.arange(0, SEG_)
-    E: tl.constexpr = 32 // W
-    WPB: tl.constexpr = (L // E) * SEG_
-    for g in tl.static_range(L // E):
-        word = tl.zeros((BN, SEG_), tl.int32)
-        for j in tl.static_range(E):
-            k = blk * (L * SEG_) + (g * E + j) * SEG_ + t
-            q = tl.load(m_ptr + rows[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0)
-            u = _derive_u(q.to(tl.int32), D, BITS)
-            word = word | (((u >> SH) & ((1 << W) - 1)) << (j * W))
-        tl.store(p_ptr + rows[:, None] * (NBLK * WPB) + blk * WPB + g * SEG_ + t[None, :], word, mask=nmask[:, None])
+    w0 = tl.zeros((BN, SEG_), tl.int32)
+    w1 = tl.zeros((BN, SEG_), tl.int32)
+    w2 = tl.zeros((BN, SEG_), tl.int32)
+    for s in tl.static_range(L):
+        k = blk * (L * SEG_) + s * SEG_ + t
+        q = tl.load(m_ptr + rows[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0)
+        u = _derive_u(q.to(tl.int32), D, BITS)
+        w0 = _plane_bits(w0, u, s, W0, SH0)
+        _store_plane(p0_ptr, w0, rows, blk, t, nmask, NBLK, s, W0, L, SEG_)
+        if W1 > 0:
+            w1 = _plane_bits(w1, u, s, W1, SH1)
+            _store_plane(p1_ptr, w1, rows, blk, t, nmask, NBLK, s, W1, L, SEG_)
+        if W2 > 0:
+            w2 = _plane_bits(w2, u, s, W2, SH2)
+            _store_plane(p2_ptr, w2, rows, blk, t, nmask, NBLK, s, W2, L, SEG_)
 
 
 def pack_planes_triton(q_master: torch.Tensor, master_bits: int, bits: int) -> tuple[torch.Tensor, ...]:
-    """Same words as :func:`.layouts.pack_planes`, one launch per plane, each reading the master once."""
+    """Same words as :func:`.layouts.pack_planes`, every plane in one launch that reads the master once (a switch is
+    bound by the host's per-launch cost, not by the bytes: BENCHMARKS.md)."""
     q = q_master.contiguous()
     n, k = q.shape
     lay = Layout(bits, n, k)
-    planes = []
-    for w, sh in zip(lay.widths, lay.shifts):
-        p = torch.empty(n, lay.row_words(w), dtype=torch.int32, device=q.device)
-        grid = (cdiv(n, 32), lay.nblocks)
-        _pack_kernel[grid](q, p, n, k, lay.nblocks, BITS=bits, D=master_bits - bits, W=w, SH=sh, L=lay.lanes,
-                           SEG_=SEG, BN=32, num_warps=4)
-        planes.append(p)
-    return tuple(planes)
+    planes = tuple(torch.empty(n, lay.row_words(w), dtype=torch.int32, device=q.device) for w in lay.widths)
+    w = tuple(lay.widths) + (0,) * (3 - len(planes))
+    sh = tuple(lay.shifts) + (0,) * (3 - len(planes))
+    p = planes + (planes[0],) * (3 - len(planes))
+    _pack_kernel[(cdiv(n, 32), lay.nblocks)](q, *p, n, k, lay.nblocks, BITS=bits, D=master_bits - bits, W0=w[0],
+                                             W1=w[1], W2=w[2], SH0=sh[0], SH1=sh[1], SH2=sh[2], L=lay.lanes,
+                                             SEG_=SEG, BN=32, num_warps=4)
+    return planes
 
 
 __all__ = ["MAGIC", "pack_planes", "pack_planes_triton"]

@@ -19,6 +19,7 @@ All functions here are plain torch ops on any device: the reference for the Trit
 from __future__ import annotations
 
 import math
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -73,6 +74,12 @@ class Layout:
         return sum(self.out_features * self.row_words(w) * 4 for w in self.widths)
 
 
+@functools.cache
+def layout(bits: int, out_features: int, in_features: int) -> Layout:
+    """The :class:`Layout` of a shape, made once: a switch asks for it per layer, and its properties are cached on it."""
+    return Layout(bits, out_features, in_features)
+
+
 def derive_int(q_master: torch.Tensor, master_bits: int, bits: int, scaled: bool = False) -> torch.Tensor:
     """:func:`abs_llm.core.derive` in integer arithmetic on int8 (no float pass, no comparison, no lookup): round half
     to even of ``q / 2^d`` is ``(q + 2^(d-1) - 1 + p) >> d`` with ``p = (q >> d) & 1`` the parity of the floor
@@ -99,7 +106,7 @@ def pack_planes(q_master: torch.Tensor, master_bits: int, bits: int) -> tuple[to
     """Derive ``bits`` from the int8 master ``(out, in)`` and pack it: one int32 tensor ``(out, row_words(w))`` per
     plane. Torch ops only (works on any device); the Triton pack kernel produces the same words in one pass."""
     n, k = q_master.shape
-    lay = Layout(bits, n, k)
+    lay = layout(bits, n, k)
     u = derive_int(q_master, master_bits, bits).to(torch.int64) + 2 ** (bits - 1)
     pad = lay.nblocks * lay.block - k
     if pad:
@@ -115,7 +122,7 @@ def pack_planes(q_master: torch.Tensor, master_bits: int, bits: int) -> tuple[to
 
 def unpack_planes(planes, bits: int, out_features: int, in_features: int) -> torch.Tensor:
     """Inverse of :func:`pack_planes`: ``q_l`` as int8 ``(out, in)``."""
-    lay = Layout(bits, out_features, in_features)
+    lay = layout(bits, out_features, in_features)
     n = out_features
     u = torch.zeros(n, lay.nblocks * lay.block, dtype=torch.int64, device=planes[0].device)
     for p, w, sh in zip(planes, lay.widths, lay.shifts):

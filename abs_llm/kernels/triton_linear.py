@@ -19,7 +19,7 @@ import math
 import torch
 
 from .common import Packed, say_once
-from .layouts import SEG, Layout, pack_planes
+from .layouts import SEG, layout, pack_planes
 from .triton_base import cdiv, interpreting, triton
 from .triton_gemm import _dequant_kernel, _gemm_kernel
 from .triton_gemv import _gemv_kernel, _reduce_kernel
@@ -64,7 +64,7 @@ def kernel_consts(bits, master_bits, group_size, n, k) -> tuple[dict, int, int]:
         seg = 32 if group_size is None or group_size % 32 == 0 else 16
         lanes, nblk, widths, shifts = 128 // seg, math.ceil(k / 128), (), ()
     else:
-        lay = Layout(bits, n, k)
+        lay = layout(bits, n, k)
         seg, lanes, nblk, widths, shifts = SEG, lay.lanes, lay.nblocks, lay.widths, lay.shifts
     w = tuple(widths) + (0,) * (3 - len(widths))
     sh = tuple(shifts) + (0,) * (3 - len(shifts))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .layouts import SEG, Layout, pack_planes
+from .layouts import SEG, layout, pack_planes
 from .triton_base import available, cdiv, tl, triton
 
 available()  # under TRITON_INTERPRET=1, patch the interpreter before any kernel runs
@@ -108,7 +108,7 @@ def pack_planes_triton(q_master: torch.Tensor, master_bits: int, bits: int) -> t
     bound by the host's per-launch cost, not by the bytes: BENCHMARKS.md)."""
     q = q_master.contiguous()
     n, k = q.shape
-    lay = Layout(bits, n, k)
+    lay = layout(bits, n, k)
     planes = tuple(torch.empty(n, lay.row_words(w), dtype=torch.int32, device=q.device) for w in lay.widths)
     w = tuple(lay.widths) + (0,) * (3 - len(planes))
     sh = tuple(lay.shifts) + (0,) * (3 - len(planes))

@@ -279,7 +279,7 @@ class SwitchableLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.trainable:
-            self._act = (x.dtype, x.device)
+            self.__dict__["_act"] = (x.dtype, x.device)  # a plain attribute: skip nn.Module.__setattr__ per forward
             p = self.packed(x.dtype, x.device)
             if p.kernel != "dequant" and x.requires_grad and torch.is_grad_enabled():
                 # the integer kernels have no backward; adapters (LoRA) upstream of a frozen layer need d(out)/dx

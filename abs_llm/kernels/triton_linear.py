@@ -98,6 +98,7 @@ class TritonLinear:
         self.sig = (bits, master_bits, group_size, self.n, self.k)
         self.dummy = _dummy(self.device)
         self.chosen: dict = {}
+        self.untuned: dict = {}
 
     # ---- launching ----------------------------------------------------------------------------------------------
     def _split_plan(self, split, nb):
@@ -157,9 +158,14 @@ class TritonLinear:
         if best is not None:
             self.chosen[mine] = best
             return best
-        cands = self.candidates(path, m)
         if not TUNE or interpreting() or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            return cands[0]
+            # the first candidate, remembered apart from `chosen` so that turning TUNE on later still times them;
+            # not rebuilt per call: candidates() asks the device for its SM count
+            first = self.untuned.get(mine)
+            if first is None:
+                first = self.untuned[mine] = self.candidates(path, m)[0]
+            return first
+        cands = self.candidates(path, m)
         from triton.testing import do_bench
 
         timed = []

@@ -210,12 +210,12 @@ def test_triton_fake_quantize_in_a_training_step(tmp_path, monkeypatch):
     from transformers import LlamaForCausalLM, TrainingArguments
 
     from abs_llm import DoubleRoundingConfig, quantize
+    from abs_llm.kernels import triton_fq
     from abs_llm.multibit import MultiBitConfig
     from abs_llm.training import MultiBitTrainer
-    from conftest import tiny_llama_config
+    from tests.conftest import tiny_llama_config
 
-    from abs_llm.kernels import triton_fq
-
+    monkeypatch.setattr(triton_fq, "_state", {})  # the first-use self-checks run here, on real training gradients
     calls = []
     monkeypatch.setattr(triton_fq, "backward", lambda *a, f=triton_fq.backward: calls.append(1) or f(*a))
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -231,6 +231,7 @@ def test_triton_fake_quantize_in_a_training_step(tmp_path, monkeypatch):
         loss = tr.training_step(tr.model, {"input_ids": ids, "labels": ids})
         runs.append((float(loss), {n: p.detach().clone() for n, p in tr.model.named_parameters()}))
     assert len(calls) == 3 * 14  # every width's backward went through the Triton pass (14 layers)
+    assert triton_fq._state == {(torch.device("cpu"), "fwd"): True, (torch.device("cpu"), "bwd"): True}
     assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
     for n, p in runs[0][1].items():
         torch.testing.assert_close(runs[1][1][n], p, rtol=1e-5, atol=1e-6, msg=n)

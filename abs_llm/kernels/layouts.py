@@ -18,10 +18,9 @@ All functions here are plain torch ops on any device: the reference for the Trit
 
 from __future__ import annotations
 
-import math
 import functools
+import math
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -37,11 +36,11 @@ class Layout:
     out_features: int
     in_features: int
 
-    @cached_property  # a switch asks several times per layer
+    @functools.cached_property  # a switch asks several times per layer
     def widths(self) -> tuple[int, ...]:
         return PLANES[self.bits]
 
-    @cached_property
+    @functools.cached_property
     def shifts(self) -> tuple[int, ...]:
         """Bit offset of each plane inside ``u`` (the first plane holds the top bits)."""
         out, sh = [], self.bits
@@ -50,16 +49,16 @@ class Layout:
             out.append(sh)
         return tuple(out)
 
-    @cached_property
+    @functools.cached_property
     def lanes(self) -> int:
         """Segments per block (``L``): the lane count of the narrowest plane."""
         return 32 // min(self.widths)
 
-    @cached_property
+    @functools.cached_property
     def block(self) -> int:
         return self.lanes * SEG
 
-    @cached_property
+    @functools.cached_property
     def nblocks(self) -> int:
         return math.ceil(self.in_features / self.block)
 
@@ -69,7 +68,7 @@ class Layout:
     def row_words(self, w: int) -> int:
         return self.nblocks * self.words_per_block(w)
 
-    @cached_property
+    @functools.cached_property
     def nbytes(self) -> int:
         return sum(self.out_features * self.row_words(w) * 4 for w in self.widths)
 

@@ -151,10 +151,13 @@ def backward(g2: torch.Tensor, w2: torch.Tensor, s: torch.Tensor, master_bits: i
         from ..core import _consts as consts, _fq_backward
 
         _, q, inside = _eager(w2, s, master_bits, bits)
-        return _fq_backward(g2, w2, s, q, inside, consts(master_bits, bits, w2.device, w2.dtype)[-1])
+        step = consts(master_bits, bits, w2.device, w2.dtype)[-1]
+        # the scale gradient is a difference of two sums that nearly cancel at high widths: summed in another order
+        # it differs by float32 rounding of the terms, not of the result
+        terms = (g2 * q).abs().sum(-1) * step + (g2 * w2).abs().sum(-1) / s
+        return (*_fq_backward(g2, w2, s, q, inside, step), terms)
 
-    def same(got, ref):  # the scale gradient is a sum in another order
-        tol = 1e-5 * float(ref[1].abs().max()) + 1e-30
-        return torch.equal(got[0], ref[0]) and float((got[1] - ref[1]).abs().max()) <= tol
+    def same(got, ref):
+        return torch.equal(got[0], ref[0]) and bool(((got[1] - ref[1]).abs() <= 1e-4 * ref[2] + 1e-30).all())
 
     return _checked((w2.device, "bwd"), run, reference, same)

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_gpu_model import head_rows, model_rows, switch_rows  # noqa: E402
 from gpu_timing import copies_for, copy_bandwidth, time_calls  # noqa: E402
-from gpu_selftest import selftest  # noqa: E402
+from gpu_selftest import fq_selftest, selftest  # noqa: E402
 from gpu_selftest import table as selftest_table  # noqa: E402
 
 from abs_llm import core, kernels  # noqa: E402
@@ -207,6 +207,8 @@ def main():
                    tol=1e-2 if args.smoke else 5e-3,  # the interpreter truncates to bf16 (the GPU rounds)
                    deadline=run.t0 + 0.45 * run.budget) or []
     results["selftest"] = st
+    fq = run.guard("fake-quant selftest", fq_selftest, dev, shapes=st_shapes, log=run.log) or []
+    results["fq_selftest"] = fq
     bw = run.guard("copy bandwidth", copy_bandwidth, dev, args.smoke) or float("nan")
     results["copy_bandwidth_GBps"] = bw / 1e9
     run.log(f"device copy bandwidth {bw / 1e9:.0f} GB/s")
@@ -221,7 +223,8 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     print("\n## Self-test\n" + (selftest_table(st) if st else "(did not run)"))
-    print(f"{sum(r['ok'] for r in st)}/{len(st)} kernel checks passed")
+    print(f"{sum(r['ok'] for r in st)}/{len(st)} kernel checks passed; QAT fake quantization (Triton vs eager): "
+          f"{sum(r['ok'] for r in fq)}/{len(fq)}")
     for e in run.errors:
         print(f"ERROR {e['row']}: {e['error']}")
     print(f"\nwrote {args.out}; total {time.time() - run.t0:.0f} s")

@@ -3,7 +3,8 @@
 For each shape, scale kind (per channel, group 128 -- 576 columns are 4.5 groups), width (8, 6, 4, 3, 2) and
 activation dtype: the pack kernel's words must equal the torch packer's exactly, and ``y`` for M in {1, 4, 16, 64} must
 match the fp32 reference ``x.float() @ W_l.T`` (``W_l`` the dequantized derived weight) within a relative error
-(Frobenius) of 5e-3; one CUDA-graph replay must reproduce the eager output bit for bit.
+(Frobenius) of 5e-3; one CUDA-graph replay must reproduce the eager output bit for bit. Then QAT's Triton fake
+quantization against the eager path (:func:`fq_selftest`).
 
 Usage: ``python benchmarks/gpu_selftest.py`` (also the first section of ``bench_gpu.py``).
 """
@@ -96,6 +97,46 @@ def selftest(device, shapes=((320, 576), (512, 2048)), ms=(1, 4, 16, 64), fp16=T
     return rows
 
 
+def fq_selftest(device, shapes=((320, 576), (1024, 4096)), log=print) -> list[dict]:
+    """QAT's Triton fake quantization (``kernels/triton_fq.py``) against the eager path, every width, per channel and
+    group 64/128: forward values and weight gradients bit for bit, the scale gradient within float32 rounding of its
+    terms. Calls the kernels directly, so a fallback to the eager path cannot pass for a success."""
+    from abs_llm import core
+    from abs_llm.kernels import triton_fq
+
+    rows = []
+    for n, k in shapes:
+        for g in (None, 64, 128):
+            gen = torch.Generator(device=device).manual_seed(n * k)
+            w = torch.randn(n, k, generator=gen, device=device) * 0.02
+            s = core.init_scale(w, 8, g) * 0.9
+            w2 = core._grouped(w, g).reshape(-1, k if g is None else g).contiguous()
+            s1 = s.reshape(-1).contiguous()
+            g2 = torch.randn(w2.shape, generator=gen, device=device)
+            for bits in BITS:
+                row = dict(shape=[n, k], scales="channel" if g is None else f"group{g}", bits=bits, failure=None)
+                try:
+                    consts = core._consts(8, bits, w2.device, w2.dtype)
+                    ref, q, inside = core._fq_forward(w2, s1.view(-1, 1), *consts)
+                    ref_gw, ref_gs = core._fq_backward(g2, w2, s1, q, inside, consts[-1])
+                    terms = (g2 * q).abs().sum(-1) * consts[-1] + (g2 * w2).abs().sum(-1) / s1
+                    out = triton_fq.forward(w2, s1, 8, bits)
+                    grads = triton_fq.backward(g2, w2, s1, 8, bits)
+                    if out is None or grads is None:
+                        raise RuntimeError("the Triton path fell back to eager (see the WARNING above)")
+                    row["forward_exact"] = bool(torch.equal(out, ref))
+                    row["grad_w_exact"] = bool(torch.equal(grads[0], ref_gw))
+                    row["grad_s_rel"] = float(((grads[1] - ref_gs).abs() / terms.clamp_min(1e-30)).max())
+                except Exception as e:  # noqa: BLE001 - recorded, never fatal
+                    row["failure"] = f"{type(e).__name__}: {e}"[:300]
+                row["ok"] = (row["failure"] is None and row["forward_exact"] and row["grad_w_exact"]
+                             and row["grad_s_rel"] <= 1e-4)
+                rows.append(row)
+                log(f"  fake-quant {n}x{k} {row['scales']:>8} w{bits}: {'PASS' if row['ok'] else 'FAIL'} "
+                    f"{row['failure'] or ''}")
+    return rows
+
+
 def table(rows) -> str:
     ms = "/".join(str(m) for m in (rows[0]["errors"] if rows else []))
     lines = [f"| shape | scales | width | dtype | pack exact | graph | rel. err M={ms} | result |",
@@ -114,7 +155,9 @@ def main():
     t = time.time()
     rows = selftest(torch.device("cuda"))
     print(table(rows))
-    print(f"{sum(r['ok'] for r in rows)}/{len(rows)} passed in {time.time() - t:.0f} s")
+    fq = fq_selftest(torch.device("cuda"))
+    print(f"{sum(r['ok'] for r in rows)}/{len(rows)} kernel checks and {sum(r['ok'] for r in fq)}/{len(fq)} fake-quant "
+          f"checks passed in {time.time() - t:.0f} s")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ def test_bench_gpu_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert res["errors"] == [], res["errors"]
     assert res["selftest"] and all(r["ok"] for r in res["selftest"])
+    assert len(res["fq_selftest"]) == 15 and all(r["ok"] for r in res["fq_selftest"])  # 3 scale kinds x 5 widths
     assert {r["kernel"] for r in res["layers"]} == {"triton"}
     assert {r["bits"] for r in res["layers"]} == {8, 4, 3} and {r["M"] for r in res["layers"]} == {1, 16}
     assert {r["setting"] for r in res["model"]} == {"bf16", "w8", "w4", "w4+head"}

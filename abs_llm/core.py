@@ -210,18 +210,23 @@ def _fq_backward(g2: torch.Tensor, w2: torch.Tensor, s: torch.Tensor, q: torch.T
 _CONSTS: dict = {}
 
 
+def fq_values(master_bits: int, bits: int) -> tuple[float, ...]:
+    """``(2^-d, lo_h, lo_l, hi_l, 2^d)`` of a width, the numbers the fake quantization needs, as Python floats."""
+    d = master_bits - bits
+    return 2.0**-d, float(qrange(master_bits)[0]), *map(float, qrange(bits)), 2.0**d
+
+
 def _consts(master_bits: int, bits: int, device, dtype) -> tuple[torch.Tensor, ...]:
     """``(2^-d, lo_h, lo_l, hi_l, 2^d)`` as 0-dim tensors (exact in any float dtype), made once per width, device and
     dtype: a training step asks ~ layers x widths times, so nothing is built or converted per call."""
     key = (master_bits, bits, device, dtype)
     consts = _CONSTS.get(key)
     if consts is None:
-        d = master_bits - bits
-        vals = (2.0**-d, qrange(master_bits)[0], *qrange(bits), 2.0**d)
         # outside inference mode: made during an evaluation (torch.inference_mode) they would be inference tensors,
         # which autograd refuses to save, so every later training step would fail
         with torch.inference_mode(False):
-            consts = _CONSTS[key] = tuple(torch.tensor(float(v), device=device, dtype=dtype) for v in vals)
+            consts = _CONSTS[key] = tuple(torch.tensor(v, device=device, dtype=dtype)
+                                          for v in fq_values(master_bits, bits))
     return consts
 
 

@@ -72,8 +72,7 @@ def variants(quick: bool):
                 yield f"dense {tag}", triton_gemm._dequant_kernel, sig, {**consts, "BN": 32}, 4
         if bits < 8:
             lay = layouts.Layout(bits, 4096, 14336)
-            w = tuple(lay.widths) + (0,) * (3 - len(lay.widths))
-            sh = tuple(lay.shifts) + (0,) * (3 - len(lay.shifts))
+            w, sh = lay.planes3
             sig = {"m_ptr": "*i8", "p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32", "N": "i32", "K": "i32",
                    "NBLK": "i32"}
             consts = dict(BITS=bits, D=8 - bits, W0=w[0], W1=w[1], W2=w[2], SH0=sh[0], SH1=sh[1], SH2=sh[2],

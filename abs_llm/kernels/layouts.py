@@ -50,6 +50,12 @@ class Layout:
         return tuple(out)
 
     @functools.cached_property
+    def planes3(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(widths, shifts)`` padded with zeros to three planes: the kernels' ``W0..W2`` / ``SH0..SH2``."""
+        pad = (0,) * (3 - len(self.widths))
+        return self.widths + pad, self.shifts + pad
+
+    @functools.cached_property
     def lanes(self) -> int:
         """Segments per block (``L``): the lane count of the narrowest plane."""
         return 32 // min(self.widths)

@@ -20,6 +20,7 @@ import logging
 
 import torch
 
+from ..core import fq_values
 from .common import say_once
 from .triton_base import available, cdiv, interpreting, tl, triton
 
@@ -90,13 +91,6 @@ def _blocks(cols: int) -> tuple[int, int]:
     return max(1, 1024 // bc), bc  # ~1024 elements per step of a program
 
 
-def _consts(master_bits: int, bits: int) -> tuple[float, ...]:
-    from ..core import qrange
-
-    d = master_bits - bits
-    return 2.0**-d, float(qrange(master_bits)[0]), *map(float, qrange(bits)), 2.0**d
-
-
 def _eager(w2, s, master_bits, bits):
     from .. import core
 
@@ -128,7 +122,7 @@ def forward(w2: torch.Tensor, s: torch.Tensor, master_bits: int, bits: int) -> t
     def run():
         out = torch.empty_like(w2)
         br, bc = _blocks(cols)
-        _fq_fwd[(cdiv(rows, br),)](w2, s, out, rows, cols, *_consts(master_bits, bits), BR=br, BC=bc)
+        _fq_fwd[(cdiv(rows, br),)](w2, s, out, rows, cols, *fq_values(master_bits, bits), BR=br, BC=bc)
         return out
 
     return _checked((w2.device, "fwd"), run, lambda: _eager(w2, s, master_bits, bits)[0], torch.equal)
@@ -144,7 +138,7 @@ def backward(g2: torch.Tensor, w2: torch.Tensor, s: torch.Tensor, master_bits: i
     def run():
         gw, gs = torch.empty_like(w2), torch.empty_like(s)
         br, bc = _blocks(cols)
-        _fq_bwd[(cdiv(rows, br),)](g2, w2, s, gw, gs, rows, cols, *_consts(master_bits, bits), BR=br, BC=bc)
+        _fq_bwd[(cdiv(rows, br),)](g2, w2, s, gw, gs, rows, cols, *fq_values(master_bits, bits), BR=br, BC=bc)
         return gw, gs
 
     def reference():

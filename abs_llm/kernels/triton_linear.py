@@ -62,13 +62,11 @@ def kernel_consts(bits, master_bits, group_size, n, k) -> tuple[dict, int, int]:
     """The kernels' constexprs for a layer (see triton_gemv's glossary), its segments per block and block count."""
     if bits == master_bits == 8:  # read the int8 master: 128-column blocks of 32-column segments (16 for group 16)
         seg = 32 if group_size is None or group_size % 32 == 0 else 16
-        lanes, nblk, widths, shifts = 128 // seg, math.ceil(k / 128), (), ()
+        lanes, nblk, (w, sh) = 128 // seg, math.ceil(k / 128), ((0, 0, 0), (0, 0, 0))
     else:
         lay = layout(bits, n, k)
-        seg, lanes, nblk, widths, shifts = SEG, lay.lanes, lay.nblocks, lay.widths, lay.shifts
-    w = tuple(widths) + (0,) * (3 - len(widths))
-    sh = tuple(shifts) + (0,) * (3 - len(shifts))
-    consts = dict(MASTER=not widths, BITS=bits, D=master_bits - bits, W0=w[0], W1=w[1], W2=w[2], SH0=sh[0],
+        seg, lanes, nblk, (w, sh) = SEG, lay.lanes, lay.nblocks, lay.planes3
+    consts = dict(MASTER=not w[0], BITS=bits, D=master_bits - bits, W0=w[0], W1=w[1], W2=w[2], SH0=sh[0],
                   SH1=sh[1], SH2=sh[2], L=lanes, SEG_=seg, PER_GROUP=group_size is not None, GS=group_size or 0)
     return consts, lanes, nblk
 

@@ -110,8 +110,7 @@ def pack_planes_triton(q_master: torch.Tensor, master_bits: int, bits: int) -> t
     n, k = q.shape
     lay = layout(bits, n, k)
     planes = tuple(torch.empty(n, lay.row_words(w), dtype=torch.int32, device=q.device) for w in lay.widths)
-    w = tuple(lay.widths) + (0,) * (3 - len(planes))
-    sh = tuple(lay.shifts) + (0,) * (3 - len(planes))
+    w, sh = lay.planes3
     p = planes + (planes[0],) * (3 - len(planes))
     _pack_kernel[(cdiv(n, 32), lay.nblocks)](q, *p, n, k, lay.nblocks, BITS=bits, D=master_bits - bits, W0=w[0],
                                              W1=w[1], W2=w[2], SH0=sh[0], SH1=sh[1], SH2=sh[2], L=lay.lanes,

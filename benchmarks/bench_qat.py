@@ -107,7 +107,7 @@ def recipe_for(variant, steps, out, hasb_traces=None, init=None, sets=None, reci
         load_recipe,  # validate through the same path as `abs-llm train`
     )
 
-    p = Path(out).with_suffix(".yaml")
+    p = Path(out).parent / (Path(out).name + ".yaml")  # not with_suffix: a tag such as "clip0.25" has a dot
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(yaml.safe_dump(r))
     return load_recipe(p)

@@ -161,7 +161,7 @@ def run_qat(args):
     trainer.save_switchable(out)
     plot_losses(trainer.state.log_history, Path(out, "loss_per_bits.png"))
     Path(out, "log_history.json").write_text(json.dumps(trainer.state.log_history))
-    if curve and curve.points[-1]["step"] == args.steps and args.split == "val":
+    if curve and curve.points and curve.points[-1]["step"] == args.steps and args.split == "val":
         res = {k: v for k, v in curve.points[-1].items() if k != "step"}  # the last curve point is this evaluation
     else:
         res = eval_model(trainer.model, trainer.processing_class, args.split, args.max_chunks)

@@ -20,7 +20,8 @@ class MultiBitConfig:
     """What a joint multi-bit step does.
 
     bits: bit-widths trained every step, in this order (None: every candidate, highest first).
-    bit_weights: ``{bits: weight}`` multiplying each bit-width's loss (missing bits weigh 1).
+    bit_weights: ``{bits: weight}`` multiplying each bit-width's loss (missing bits weigh 1); with ``step_per_bit``
+        each width's gradient clip (``max_grad_norm``) is scaled by its weight too, so that clipping keeps the weights.
     step_per_bit: step the optimiser after each bit-width's backward (paper Alg. A.2) instead of once per batch.
     alrs: per-precision scale learning rate ``scale_lr * alrs_multiplier(master_bits, b)``; False: ``scale_lr`` for all.
     scale_lr: base learning rate of the scales (None: the weights' ``learning_rate``).
@@ -42,6 +43,8 @@ class MultiBitConfig:
         ones; compiling takes a while on first use and needs a C++ compiler on CPU. ``"triton"``: one Triton pass
         forward and one backward, nothing saved but the latent weight and scale (CUDA; on CPU it falls back to the
         eager path). Off by default (the per-width overhead they cut matters on a GPU; BENCHMARKS.md, "QAT step").
+    train_embeddings: False keeps the input embedding and an unquantized output head frozen: their gradients (a
+        49k-vocabulary head's weight gradient and the embedding's scatter) are ~8% of the default model's CPU step.
     loss_norm: divide each bit-width's loss by a running mean of itself (detached), so every precision pushes the
         shared weights by its *relative* improvement. Without it a 2-bit KL of ~10 nats drowns an 8-bit KL of ~1e-3
         and the low bits drag the shared weights away from the high ones (issue 7's naive prototype).
@@ -58,6 +61,7 @@ class MultiBitConfig:
     kd_alpha: float = 1.0
     kd_temperature: float = 1.0
     loss_norm: bool = False
+    train_embeddings: bool = True
     fused: bool | str = False
     per_bit_scale_state: bool = False
     hasb: bool = False

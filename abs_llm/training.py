@@ -41,7 +41,7 @@ from transformers import Trainer
 from . import distributed
 from .core import alrs_multiplier
 from .hasb import HASBSampler, attach_traces, load_traces
-from .layers import convert_all
+from .layers import SwitchableLinear, convert_all
 from .multibit import (  # noqa: F401  (public here too)
     KD_MODES,
     MultiBitConfig,
@@ -82,6 +82,10 @@ class MultiBitTrainer(Trainer):
         convert_all(self.layers, trainable=True)  # a frozen (pre-quantized) model starts QAT from its master
         if traces is not None:
             attach_traces(model, traces)  # the final checkpoint records the sensitivities the supernet trained with
+        if not self.mb.train_embeddings:
+            for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if emb is not None and not isinstance(emb, SwitchableLinear):  # a quantized head keeps training
+                    emb.requires_grad_(False)
         self.teacher = teacher
         if teacher is not None:
             teacher.eval().requires_grad_(False)
@@ -153,7 +157,10 @@ class MultiBitTrainer(Trainer):
         """Paper Alg. A.2: clip, step with the scale LR of this precision, zero the gradients."""
         # the Trainer's own clip runs after training_step has stepped and zeroed every gradient (and logs 0), so
         # the norm that each width's update saw is recorded here (clipped at max_grad_norm when set)
-        max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
+        # the clip scales with the width's loss weight: clipping each width's gradient to one norm would undo
+        # bit_weights whenever the gradient is above the bound (the low widths' gradients always are)
+        max_norm = self.args.max_grad_norm * self.bit_weights[bits] \
+            if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
         if self._params is None:  # after accelerator.prepare (FSDP2 swaps in DTensor parameters); one module walk
             self._params = list(model.parameters())
         norm = self.accelerator.clip_grad_norm_(self._params, max_norm)

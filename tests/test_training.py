@@ -11,6 +11,7 @@ from transformers import (AutoModelForCausalLM, LlamaForCausalLM, TrainingArgume
 
 from abs_llm import DoubleRoundingConfig, get_bits, quantize, set_bits, switchable_layers
 from abs_llm.core import alrs_multiplier
+from abs_llm.layers import SwitchableLinear
 from abs_llm.recipe import pack_blocks
 from abs_llm.training import SCALE_GROUP, MultiBitConfig, MultiBitTrainer
 
@@ -226,3 +227,61 @@ def test_step_per_bit_logs_the_real_gradient_norm(tiny_tok, tmp_path):
         assert all(v > 0 for v in per_width)
         assert e["grad_norm"] == pytest.approx(sum(per_width) / 3, rel=1e-4)
 
+
+
+@pytest.mark.parametrize("step_per_bit", [True, False])
+def test_train_embeddings_false_keeps_the_tied_embedding_and_head(tiny_tok, tmp_path, step_per_bit):
+    tr = _setup(tiny_tok, tmp_path, step_per_bit=step_per_bit, train_embeddings=False)
+    emb = tr.model.get_input_embeddings().weight
+    assert tr.model.get_output_embeddings().weight is emb  # tied: one tensor for both
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    tr.train()
+    assert torch.equal(emb, before["model.embed_tokens.weight"]) and emb.grad is None
+    changed = {n for n, p in tr.model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.endswith("proj.weight") for n in changed) and any(n.endswith("weight_scale") for n in changed)
+    assert any(n.endswith("norm.weight") for n in changed)  # only the embeddings are frozen
+
+
+def test_train_embeddings_false_still_trains_a_quantized_head(tiny_tok, tmp_path):
+    tok, _ = tiny_tok
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=320, tie_word_embeddings=False))
+    teacher = copy.deepcopy(model)
+    quantize(model, DoubleRoundingConfig(candidate_bits=[8, 4], group_size=64), trainable=True)
+    model.lm_head = SwitchableLinear.from_linear(model.lm_head, candidate_bits=(8, 4), trainable=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True)
+    tr = MultiBitTrainer(model=model, args=args, multibit=MultiBitConfig(scale_lr=1e-3, train_embeddings=False),
+                         teacher=teacher, train_dataset=pack_blocks(tok, [TEXT] * 4, 32),
+                         data_collator=default_data_collator)
+    head = tr.model.get_output_embeddings()
+    assert isinstance(head, SwitchableLinear) and head.weight.requires_grad
+    assert not tr.model.get_input_embeddings().weight.requires_grad
+
+
+def test_step_per_bit_clip_keeps_the_bit_weights(tiny_tok, tmp_path):
+    """Each width's gradient is clipped to ``max_grad_norm x its bit weight``: one bound for all would undo the
+    weights whenever the gradients exceed it (with SGD the update is then exactly lr x bound)."""
+    tok, _ = tiny_tok
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=320))
+    teacher = copy.deepcopy(model)
+    quantize(model, DoubleRoundingConfig(candidate_bits=[8, 4, 2], group_size=64), trainable=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, optim="sgd",
+                             max_grad_norm=1e-4)
+    weights = {8: 1.0, 4: 3.0, 2: 0.5}
+    tr = MultiBitTrainer(model=model, args=args, teacher=teacher, train_dataset=pack_blocks(tok, [TEXT] * 4, 32),
+                         multibit=MultiBitConfig(step_per_bit=True, alrs=False, bit_weights=weights),
+                         data_collator=default_data_collator)
+    tr.create_optimizer_and_scheduler(num_training_steps=1)
+    seen, inner = [], tr.optimizer.step
+
+    def spy(*a, **k):
+        grads = [p.grad for p in tr.model.parameters() if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return inner(*a, **k)
+
+    tr.optimizer.step = spy
+    tr.training_step(tr.model, {k: torch.tensor(v) for k, v in tr.train_dataset[:2].items()})
+    assert seen == pytest.approx([1e-4 * weights[b] for b in (8, 4, 2)], rel=1e-3)

@@ -31,6 +31,8 @@ Schema (every key optional except where noted; unknown keys are errors so a typo
       max_steps: 40
       per_device_train_batch_size: 2
       learning_rate: 1.0e-5
+      bf16: auto                  # bf16 autocast where the hardware runs bf16 matmuls natively (latent weights,
+                                  # fake quantization and the KL stay fp32); true / false as in TrainingArguments
 """
 
 from __future__ import annotations
@@ -81,6 +83,10 @@ def load_recipe(path: str | os.PathLike, max_steps: int | None = None, output_di
         raise ValueError(f"max_steps must be an integer >= 1, got {train['max_steps']!r}")
     if not float(train["learning_rate"]) > 0:
         raise ValueError(f"learning_rate must be > 0, got {train['learning_rate']}")
+    if train.get("bf16") == "auto":
+        train["bf16"], on_cpu = native_bf16()
+        if train["bf16"] and on_cpu:
+            train["use_cpu"] = True  # TrainingArguments refuses bf16 without a GPU unless told the run is on the CPU
     recipe["train"] = train
     recipe["output_dir"] = output_dir or recipe.get("output_dir") or "outputs/qat"
     recipe.setdefault("data", {})
@@ -210,6 +216,19 @@ def build_trainer(recipe: dict, tokenizer=None):
         mb.hasb_traces = estimate_traces(model, train_ds, seed=mb.hasb_seed)
     return MultiBitTrainer(model=model, args=args, multibit=mb, teacher=teacher, train_dataset=train_ds,
                            data_collator=default_data_collator, processing_class=tok)
+
+
+def native_bf16() -> tuple[bool, bool]:
+    """``(bf16 autocast pays here, the run is on the CPU)`` for ``train: {bf16: auto}``: a CUDA GPU with bf16, or a
+    CPU whose matmuls run bf16 natively (AVX512-BF16 or AMX: 2.7x fp32 on the 2-core EPYC of BENCHMARKS.md). Other
+    CPUs emulate bf16 and would run slower than fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported(), False
+    cpu = torch.cpu
+    native = any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return bool(native), True
 
 
 def gptq_init(init: dict, tokenizer) -> dict:

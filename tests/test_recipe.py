@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from transformers import TrainingArguments
 
@@ -220,3 +221,26 @@ def test_recipe_init_gptq_starts_from_the_gptq_master(tiny_lm_dir, tmp_path):
         path.write_text(yaml.safe_dump(r))
         with pytest.raises(ValueError, match=msg):
             load_recipe(path)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_follows_the_cpu(tmp_path, monkeypatch, native):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    p = tmp_path / "r.yaml"
+    p.write_text("train: {bf16: auto}\n")
+    t = load_recipe(p)["train"]
+    assert t["bf16"] is native and t.get("use_cpu", False) is native
+    TrainingArguments(output_dir=str(tmp_path / "o"), **t)  # accepted as resolved
+
+
+def test_bf16_autocast_recipe_trains_on_the_cpu(tiny_lm_dir, tmp_path):
+    """bf16 autocast on the CPU: matmuls in bf16, latent weights, scales and the fake quantization stay float32."""
+    from abs_llm.recipe import train
+
+    tr = train(write_recipe(tmp_path, tiny_lm_dir, bf16=True), output_dir=str(tmp_path / "out"), evaluate=False)
+    assert tr.args.bf16 and tr.state.global_step == 2
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())
+    logs = [e for e in tr.state.log_history if "loss_w2" in e]
+    assert len(logs) == 2 and all(0 < e[f"loss_w{b}"] < 100 for e in logs for b in (8, 4, 2))

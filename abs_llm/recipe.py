@@ -221,9 +221,15 @@ def build_trainer(recipe: dict, tokenizer=None):
 def native_bf16() -> tuple[bool, bool]:
     """``(bf16 autocast pays here, the run is on the CPU)`` for ``train: {bf16: auto}``: a CUDA GPU with bf16, or a
     CPU whose matmuls run bf16 natively (AVX512-BF16 or AMX: 2.7x fp32 on the 2-core EPYC of BENCHMARKS.md). Other
-    CPUs emulate bf16 and would run slower than fp32."""
+    CPUs emulate bf16 and would run slower than fp32. (On the CPU, FSDP2 keeps fp32 parameters under autocast:
+    ``distributed.enable_cpu_fsdp2`` installs its own plugin without accelerate's bf16 policy.)"""
     import torch
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and torch.cuda.is_available():
+        # accelerate turns bf16 into an FSDP policy that all-gathers the latent weights in bf16, and
+        # round(bf16(W) / s) is not the master's round(W / s) (recipes/accelerate_fsdp.yaml)
+        logger.warning("bf16: auto under FSDP on GPUs -> fp32 (a bf16 FSDP policy would round the latent weights)")
+        return False, False
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported(), False
     cpu = torch.cpu

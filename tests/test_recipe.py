@@ -244,3 +244,14 @@ def test_bf16_autocast_recipe_trains_on_the_cpu(tiny_lm_dir, tmp_path):
     assert all(p.dtype == torch.float32 for p in tr.model.parameters())
     logs = [e for e in tr.state.log_history if "loss_w2" in e]
     assert len(logs) == 2 and all(0 < e[f"loss_w{b}"] < 100 for e in logs for b in (8, 4, 2))
+
+
+def test_bf16_auto_is_fp32_under_fsdp_on_gpus(tmp_path, monkeypatch):
+    """A bf16 FSDP policy all-gathers the latent weights in bf16, which rounds them before the fake quantization."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    p = tmp_path / "r.yaml"
+    p.write_text("train: {bf16: auto}\n")
+    assert load_recipe(p)["train"]["bf16"] is True
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert load_recipe(p)["train"]["bf16"] is False

@@ -225,16 +225,15 @@ def native_bf16() -> tuple[bool, bool]:
     ``distributed.enable_cpu_fsdp2`` installs its own plugin without accelerate's bf16 policy.)"""
     import torch
 
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and torch.cuda.is_available():
-        # accelerate turns bf16 into an FSDP policy that all-gathers the latent weights in bf16, and
-        # round(bf16(W) / s) is not the master's round(W / s) (recipes/accelerate_fsdp.yaml)
-        logger.warning("bf16: auto under FSDP on GPUs -> fp32 (a bf16 FSDP policy would round the latent weights)")
-        return False, False
     if torch.cuda.is_available():
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            # accelerate turns bf16 into an FSDP policy that all-gathers the latent weights in bf16, and
+            # round(bf16(W) / s) is not the master's round(W / s) (recipes/accelerate_fsdp.yaml)
+            logger.warning("bf16: auto under FSDP on GPUs -> fp32 (a bf16 FSDP policy would round the latent weights)")
+            return False, False
         return torch.cuda.is_bf16_supported(), False
-    cpu = torch.cpu
-    native = any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return bool(native), True
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu helpers: absent -> False
+    return any(getattr(torch.cpu, f, lambda: False)() for f in probes), True
 
 
 def gptq_init(init: dict, tokenizer) -> dict:

@@ -21,6 +21,7 @@ master integers are stored unpadded with shape ``(out, in)`` (8-bit) or packed t
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
@@ -158,6 +159,7 @@ def fake_quantize(
     lsq_grad_scale: bool = False,
     scale_grad_mult: float = 1.0,
     fused: bool | str = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Differentiable Double Rounding for training: the forward value equals
     ``derived_weight(quantize_master(w, scale))`` exactly; gradients are STE for ``w`` (1 inside the clipping range,
@@ -167,7 +169,9 @@ def fake_quantize(
     backward, so it holds wherever the scale lives, DDP bucket or FSDP2 shard). ``fused=True`` (``"compile"``) runs
     the same math through ``torch.compile`` (one generated kernel per pass instead of ~10 eager ones; see
     :func:`_kernels`); ``"triton"`` runs one Triton pass forward and one backward (:mod:`abs_llm.kernels.triton_fq`;
-    CUDA float32, else the eager path).
+    CUDA float32, else the eager path). ``out_dtype``: the returned weight's dtype (None: float32); the compiled
+    path rounds to it inside its one pass and its backward takes that dtype's gradient and recomputes ``q_l`` and the
+    mask from ``w`` and ``s`` instead of saving them (BENCHMARKS.md "QAT (issue 16)", stop 27: bf16 autocast on CPU).
     """
     if w.dtype in (torch.float16, torch.bfloat16):  # the grid of freeze()/quantize_master is computed in float32
         w = w.float()
@@ -178,7 +182,8 @@ def fake_quantize(
         s = grad_scale(s, 1.0 / math.sqrt(g * max(qrange(bits)[1], 1)))
     if fused not in FUSED:
         raise ValueError(f"fused must be one of {FUSED}, got {fused!r}")
-    return _FakeQuantize.apply(w, s, master_bits, bits, group_size, float(scale_grad_mult), fused)
+    out = _FakeQuantize.apply(w, s, master_bits, bits, group_size, float(scale_grad_mult), fused, out_dtype)
+    return out if out_dtype is None or out.dtype == out_dtype else out.to(out_dtype)
 
 
 def _fq_forward(w2: torch.Tensor, s2: torch.Tensor, inv: torch.Tensor, lo_h: torch.Tensor, lo: torch.Tensor,
@@ -205,6 +210,18 @@ def _fq_backward(g2: torch.Tensor, w2: torch.Tensor, s: torch.Tensor, q: torch.T
     grad_w = g2 * inside
     grad_s = (g2 * q).sum(-1) * step - (grad_w * w2).sum(-1) / s
     return grad_w, grad_s
+
+
+def _fq_forward_to(w2, s2, inv, lo_h, lo, hi, step, dtype):
+    """The compiled forward: only ``W_l``, rounded to ``dtype`` in the same pass (nothing else is written)."""
+    return _fq_forward(w2, s2, inv, lo_h, lo, hi, step)[0].to(dtype)
+
+
+def _fq_backward_again(g2, w2, s1, inv, lo_h, lo, hi, step):
+    """The compiled backward: ``q_l`` and the mask recomputed from ``W`` and ``s`` (read anyway for the scale's
+    gradient), the incoming gradient widened to float32 in the same pass."""
+    _, q, inside = _fq_forward(w2, s1.unsqueeze(-1), inv, lo_h, lo, hi, step)
+    return _fq_backward(g2.float(), w2, s1, q, inside, step)
 
 
 _CONSTS: dict = {}
@@ -238,10 +255,40 @@ def _triton_fq():
 
 @functools.cache
 def _kernels(fused: bool):
-    """The forward/backward math, eager or through ``torch.compile`` (compiled lazily, once per process)."""
+    """The forward/backward math: eager (saving ``q_l`` and the mask), or :func:`_fq_forward_to` and
+    :func:`_fq_backward_again` through ``torch.compile`` (compiled lazily, once per process). A compiler failure
+    (e.g. no C++ compiler on a CPU) is logged once at WARNING and the same functions then run eagerly."""
     if not fused:
         return _fq_forward, _fq_backward
-    return torch.compile(_fq_forward, fullgraph=True), torch.compile(_fq_backward, fullgraph=True)
+    return _compiled(_fq_forward_to), _compiled(_fq_backward_again)
+
+
+_COMPILE_FAILED: list = []
+
+
+def _compiled(fn):
+    compiled = [torch.compile(fn, fullgraph=True)]
+
+    def call(*args):
+        try:
+            return compiled[0](*args)
+        except Exception as e:  # torch._dynamo/_inductor wrap compiler errors in several exception types
+            if compiled[0] is fn or not _is_compile_error(e):
+                raise
+            if not _COMPILE_FAILED:
+                logging.getLogger(__name__).warning("fused fake quantization: torch.compile failed (%s: %s); running "
+                                                    "it eagerly", type(e).__name__, str(e).splitlines()[0][:200])
+            _COMPILE_FAILED.append(fn)
+            compiled[0] = fn
+            return fn(*args)
+
+    return call
+
+
+def _is_compile_error(e: Exception) -> bool:
+    """Dynamo's and Inductor's own exceptions (BackendCompilerFailed, InductorError, CppCompileError, ...); a real
+    error in the math would raise again from the eager run."""
+    return type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
 def _rows_dynamic(fused: bool, *tensors) -> None:
@@ -259,7 +306,7 @@ class _FakeQuantize(torch.autograd.Function):
     runs fewer passes over the weights, which dominate a multi-bit QAT step's overhead."""
 
     @staticmethod
-    def forward(ctx, w, s, master_bits, bits, group_size, scale_grad_mult=1.0, fused=False):
+    def forward(ctx, w, s, master_bits, bits, group_size, scale_grad_mult=1.0, fused=False, out_dtype=None):
         cols = w.shape[1]
         wg = _grouped(w, group_size)
         w2 = wg.reshape(-1, wg.shape[-1])
@@ -274,6 +321,10 @@ class _FakeQuantize(torch.autograd.Function):
             ctx.save_for_backward(w, s)
             return _ungrouped(triton_out.view(wg.shape), cols)
         _rows_dynamic(fused, w2, s2)
+        if fused:
+            ctx.save_for_backward(w, s)
+            out = _kernels(fused)[0](w2, s2, inv, lo_h, lo, hi, step, out_dtype or w.dtype)
+            return _ungrouped(out.view(wg.shape), cols)
         out, q, inside = _kernels(fused)[0](w2, s2, inv, lo_h, lo, hi, step)
         ctx.save_for_backward(w, s, q, inside, step)
         return _ungrouped(out.view(wg.shape), cols)
@@ -292,6 +343,11 @@ class _FakeQuantize(torch.autograd.Function):
                 _, q, inside = _fq_forward(w2, s.reshape(-1, 1), *consts)
                 grads = _fq_backward(g2, w2, s.reshape(-1), q, inside, consts[-1])
             grad_w, grad_s = grads
+        elif fused:
+            w, s = ctx.saved_tensors
+            w2, s1 = _grouped(w, group_size).reshape(g2.shape), s.reshape(-1)
+            _rows_dynamic(fused, g2, w2, s1)
+            grad_w, grad_s = _kernels(fused)[1](g2, w2, s1, *_consts(master_bits, bits, w.device, w.dtype))
         else:
             w, s, q, inside, step = ctx.saved_tensors
             w2 = _grouped(w, group_size).reshape(g2.shape)
@@ -302,7 +358,7 @@ class _FakeQuantize(torch.autograd.Function):
         if grad_s is not None and mult != 1.0:
             grad_s = grad_s * mult
         grad_w = _ungrouped(grad_w.view(gg.shape), cols) if ctx.needs_input_grad[0] else None
-        return grad_w, grad_s, None, None, None, None, None
+        return grad_w, grad_s, None, None, None, None, None, None
 
 
 def alrs_multiplier(master_bits: int, bits: int) -> float:

@@ -286,12 +286,15 @@ class SwitchableLinear(nn.Module):
                 bias = None if self.bias is None else self.bias.to(x.dtype)
                 return F.linear(x, self.derived_weight(self._bits, dtype=x.dtype), bias)
             return p(x, self.bias)
+        # under autocast the weight is made in the autocast dtype at once (a fused pass rounds it there), so the
+        # matmul's own cast of a float32 weight, and its backward, are not paid a second time
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         w = core.fake_quantize(self.weight, self.weight_scale, self.master_bits, self._bits, self.group_size,
-                               scale_grad_mult=self.scale_grad_mult, fused=self.fused)
+                               scale_grad_mult=self.scale_grad_mult, fused=self.fused, out_dtype=dtype)
         bias = self.bias
-        if w.dtype != x.dtype:
-            w = w.to(x.dtype)
-            bias = None if bias is None else bias.to(x.dtype)
+        if bias is not None and bias.dtype != w.dtype:
+            bias = bias.to(w.dtype)
         return F.linear(x, w, bias)
 
     def extra_repr(self) -> str:

@@ -272,3 +272,51 @@ def test_fused_fake_quantize_matches_eager():
             res.append((out.detach(), wv.grad, sv.grad))
         assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
         torch.testing.assert_close(res[0][2], res[1][2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile needs a C++ compiler on CPU")
+def test_fused_fake_quantize_in_bf16_matches_eager_then_cast():
+    """``out_dtype``: the compiled pass rounds ``W_l`` to bf16 itself (the same bits as casting the float32 result,
+    round to nearest even) and its backward, which recomputes ``q_l`` and the mask, gives the eager weight gradient
+    bit for bit from a bf16 output gradient."""
+    torch.manual_seed(1)
+    w = torch.randn(6, 48) * 0.05
+    s = core.init_scale(w, 8, 16) * 0.7  # some weights clip at every width
+    g = torch.randn(6, 48).bfloat16()
+    for bits in (8, 6, 3, 2):
+        res = []
+        for fused in (False, "compile"):
+            wv, sv = w.clone().requires_grad_(True), s.clone().requires_grad_(True)
+            out = core.fake_quantize(wv, sv, 8, bits, 16, fused=fused, out_dtype=torch.bfloat16)
+            assert out.dtype == torch.bfloat16
+            out.backward(g)
+            res.append((out.detach(), wv.grad, sv.grad))
+        assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+        torch.testing.assert_close(res[0][2], res[1][2], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_fake_quantize_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
+    """No C++ compiler (or any compiler failure): one WARNING, then the same math eagerly; training goes on."""
+    failure = type("InductorError", (RuntimeError,), {"__module__": "torch._inductor.exc"})
+
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise failure("C++ compile error: no compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(core, "_COMPILE_FAILED", [])
+    core._kernels.cache_clear()
+    try:
+        w = torch.randn(4, 32)
+        s = core.init_scale(w, 8, 16)
+        wv, sv = w.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        with caplog.at_level("WARNING", logger="abs_llm.core"):
+            out = core.fake_quantize(wv, sv, 8, 4, 16, fused="compile")
+            out.sum().backward()
+        assert torch.equal(out, core.fake_quantize(w, s, 8, 4, 16))
+        assert wv.grad is not None and sv.grad is not None
+        assert sum("torch.compile failed" in r.getMessage() for r in caplog.records) == 1  # once, for both passes
+    finally:
+        core._kernels.cache_clear()

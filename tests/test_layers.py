@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,3 +95,26 @@ def test_trainable_layer_evaluated_in_inference_mode_still_trains(monkeypatch):
         out.sum().backward()
         assert torch.equal(out.detach(), want)
         assert layer.weight.grad is not None and layer.weight_scale.grad is not None
+
+
+@pytest.mark.parametrize("fused", [False, "compile"])
+def test_trainable_layer_under_cpu_autocast_matches_a_bf16_weight(fused):
+    """Under bf16 autocast the layer makes its weight in bf16 itself: the same output and gradients as multiplying by
+    the float32 fake-quantized weight cast to bf16 (what autocast did with it before)."""
+    if fused and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("torch.compile needs a C++ compiler on CPU")
+    torch.manual_seed(0)
+    layer = SwitchableLinear.from_linear(nn.Linear(64, 24), group_size=32).to_trainable()
+    layer.fused = fused
+    layer.bits = 4
+    x = torch.randn(5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    w, s = layer.weight.detach().clone().requires_grad_(True), layer.weight_scale.detach().clone().requires_grad_(True)
+    ref = F.linear(x.bfloat16(), core.fake_quantize(w, s, 8, 4, 32).bfloat16(), layer.bias.detach().bfloat16())
+    ref.float().square().sum().backward()
+    assert torch.equal(out, ref) and torch.equal(layer.weight.grad, w.grad)
+    # the scale gradient differs only by summation order (a difference of two sums: cancellation)
+    torch.testing.assert_close(layer.weight_scale.grad, s.grad, rtol=1e-3, atol=1e-5 * float(s.grad.abs().max()))

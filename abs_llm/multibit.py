@@ -42,9 +42,10 @@ class MultiBitConfig:
         (``core.fake_quantize(fused=True)``), one generated kernel per pass over the weights instead of ~10 eager
         ones; compiling takes a while on first use and needs a C++ compiler on CPU (without one: eager, one WARNING).
         ``"triton"``: one Triton pass forward and one backward, nothing saved but the latent weight and scale
-        (CUDA; on CPU it falls back to the eager path). Off by default; the CPU recipe compiles (there the compiled pass also makes the weight in the
-        autocast dtype and recomputes the mask in its backward: 1.3x cheaper bf16 steps, BENCHMARKS.md stop 27), the
-        GPU recipe does not (eager measured faster on an H200; BENCHMARKS.md, "QAT step").
+        (CUDA; on CPU it falls back to the eager path). Off by default; the CPU recipe compiles (the compiled pass
+        makes the weight in the autocast dtype and recomputes the mask in its backward: 1.4x cheaper bf16 steps on
+        2 Xeon cores, BENCHMARKS.md stop 27), the GPU recipe does not (its former version measured slower than eager
+        on an H200; BENCHMARKS.md, "QAT step").
     train_embeddings: False keeps the input embedding and an unquantized output head frozen: their gradients (a
         49k-vocabulary head's weight gradient and the embedding's scatter) are ~8% of the default model's CPU step.
     loss_norm: divide each bit-width's loss by a running mean of itself (detached), so every precision pushes the

@@ -21,7 +21,6 @@ master integers are stored unpadded with shape ``(out, in)`` (8-bit) or packed t
 from __future__ import annotations
 
 import functools
-import logging
 import math
 
 import torch
@@ -212,18 +211,6 @@ def _fq_backward(g2: torch.Tensor, w2: torch.Tensor, s: torch.Tensor, q: torch.T
     return grad_w, grad_s
 
 
-def _fq_forward_to(w2, s2, inv, lo_h, lo, hi, step, dtype):
-    """The compiled forward: only ``W_l``, rounded to ``dtype`` in the same pass (nothing else is written)."""
-    return _fq_forward(w2, s2, inv, lo_h, lo, hi, step)[0].to(dtype)
-
-
-def _fq_backward_again(g2, w2, s1, inv, lo_h, lo, hi, step):
-    """The compiled backward: ``q_l`` and the mask recomputed from ``W`` and ``s`` (read anyway for the scale's
-    gradient), the incoming gradient widened to float32 in the same pass."""
-    _, q, inside = _fq_forward(w2, s1.unsqueeze(-1), inv, lo_h, lo, hi, step)
-    return _fq_backward(g2.float(), w2, s1, q, inside, step)
-
-
 _CONSTS: dict = {}
 
 
@@ -255,40 +242,13 @@ def _triton_fq():
 
 @functools.cache
 def _kernels(fused: bool):
-    """The forward/backward math: eager (saving ``q_l`` and the mask), or :func:`_fq_forward_to` and
-    :func:`_fq_backward_again` through ``torch.compile`` (compiled lazily, once per process). A compiler failure
-    (e.g. no C++ compiler on a CPU) is logged once at WARNING and the same functions then run eagerly."""
+    """The forward/backward math: eager (saving ``q_l`` and the mask), or compiled (:mod:`abs_llm.kernels.
+    compiled_fq`: the weight made in the output dtype, ``q_l`` and the mask recomputed in the backward)."""
     if not fused:
         return _fq_forward, _fq_backward
-    return _compiled(_fq_forward_to), _compiled(_fq_backward_again)
+    from .kernels import compiled_fq
 
-
-_COMPILE_FAILED: list = []
-
-
-def _compiled(fn):
-    compiled = [torch.compile(fn, fullgraph=True)]
-
-    def call(*args):
-        try:
-            return compiled[0](*args)
-        except Exception as e:  # torch._dynamo/_inductor wrap compiler errors in several exception types
-            if compiled[0] is fn or not _is_compile_error(e):
-                raise
-            if not _COMPILE_FAILED:
-                logging.getLogger(__name__).warning("fused fake quantization: torch.compile failed (%s: %s); running "
-                                                    "it eagerly", type(e).__name__, str(e).splitlines()[0][:200])
-            _COMPILE_FAILED.append(fn)
-            compiled[0] = fn
-            return fn(*args)
-
-    return call
-
-
-def _is_compile_error(e: Exception) -> bool:
-    """Dynamo's and Inductor's own exceptions (BackendCompilerFailed, InductorError, CppCompileError, ...); a real
-    error in the math would raise again from the eager run."""
-    return type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
+    return compiled_fq.kernels()
 
 
 def _rows_dynamic(fused: bool, *tensors) -> None:

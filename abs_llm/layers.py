@@ -202,19 +202,20 @@ class SwitchableLinear(nn.Module):
             self._cache.popitem(last=False)
         return p
 
-    def _make_room(self, need: int | None, kernel: str, cap) -> tuple:
+    def _make_room(self, need: int | None, kernel: str, cap) -> kernels.Packed | None:
         """Evict now, before packing, what adding an entry of ``need`` bytes will evict anyway (same rule as after
-        packing), and return the tensors of one evicted entry of the same kernel that nobody else holds: the new
-        width is written into them, so a cold switch neither faults in fresh pages nor holds both widths at once."""
-        spare = ()
+        packing), and return one evicted entry of the same kernel that nobody else holds: the new width is written
+        into its buffers, so a cold switch neither faults in fresh pages nor holds both widths at once (and
+        derives from the evicted width's bytes where that is exact, :mod:`.kernels.cpu_inplace`)."""
+        spare = None
         if need is None:
             return spare
         while self._cache and (len(self._cache) >= max(self.cache_size, 1)
                                or sum(e.nbytes for e in self._cache.values()) + need > cap):
             _, old = self._cache.popitem(last=False)
             # 2 = `old` + getrefcount's argument: a Packed (or its fn) still held by a caller keeps its buffers
-            if not spare and old.kernel == kernel and sys.getrefcount(old) == 2 and sys.getrefcount(old.fn) == 2:
-                spare = old.tensors
+            if spare is None and old.kernel == kernel and sys.getrefcount(old) == 2 and sys.getrefcount(old.fn) == 2:
+                spare = old
         return spare
 
 

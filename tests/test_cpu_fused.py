@@ -262,11 +262,18 @@ def test_a_kernel_failing_in_a_threaded_switch_repacks_eagerly(monkeypatch, capl
 
 
 @needs_numba
-def test_scales_a_threaded_switch_cannot_convert_are_converted_eagerly(monkeypatch, two_threads):
+@pytest.mark.parametrize("cold", [True, False], ids=["from_master", "rescaled_in_place"])
+def test_scales_a_threaded_switch_cannot_convert_are_converted_eagerly(monkeypatch, two_threads, cold):
     model, layers = _model_at(64)
     layers[3].weight_scale.data[0, 0] = 1e-40  # subnormal: the fused conversion refuses it, in a worker thread
+    layers[3].invalidate_cache()
+    with torch.inference_mode():
+        layers[3].prepare()  # the 8-bit pack with that scale, which the in-place rescale refuses too
+    if cold:
+        for m in layers:
+            m.invalidate_cache()
     set_bits(model, 6)
-    assert cpu_fused.kernel(0, "scales") is not None  # the eager conversion ran in the worker, nothing failed
+    assert cpu_fused._nb is not False  # the eager conversion ran in the worker, nothing failed
     got = layers[3].packed(torch.bfloat16, torch.device("cpu")).tensors[1]
     monkeypatch.setattr(cpu_fused, "ENABLED", False)
     layers[3].invalidate_cache()

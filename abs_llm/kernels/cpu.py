@@ -24,7 +24,7 @@ from functools import lru_cache
 
 import torch
 
-from . import cpu_fused
+from . import cpu_fused, cpu_inplace
 from .common import Packed, flat, lookup, say_once
 
 INT4_GROUPS = (256, 128, 64, 32)
@@ -113,13 +113,14 @@ def int4_nbytes(out_f, in_f, group_size, dtype, kernel) -> int:
     return planes * out_f * in_f // 2 + (in_f // int4_group(in_f, group_size)) * planes * out_f * 2 * dtype.itemsize
 
 
-def pack_int4(q_master, scale, master_bits, bits, group_size, dtype, kernel, spare=()) -> Packed:
+def pack_int4(q_master, scale, master_bits, bits, group_size, dtype, kernel, spare=None) -> Packed:
     """``int4pack`` (nibbles ``q_l + 8``) or ``int4x2`` (hi/lo nibble halves, summed) for the CPU int4 kernel.
-    ``spare``: the tensors of an evicted pack of the same layout, overwritten when they fit (fused path only)."""
+    ``spare``: an evicted :class:`Packed` of the same kernel that nothing else holds; its buffers are overwritten
+    when they fit, rewritten in place where :mod:`.cpu_inplace` applies (fused path only)."""
     out_f, in_f = q_master.shape
     g = int4_group(in_f, group_size)
     q_master = q_master.cpu()
-    spare_w4, spare_sz = tuple(spare) if len(spare) == 2 else (None, None)
+    spare_w4, spare_sz = spare.tensors if spare is not None and len(spare.tensors) == 2 else (None, None)
 
     def eager_scales(out=None):
         step = scale.float() * (2 ** (master_bits - bits))
@@ -130,10 +131,16 @@ def pack_int4(q_master, scale, master_bits, bits, group_size, dtype, kernel, spa
             return out
         return int4_scales_and_zeros(step, in_f, group_size, g, 0.0, dtype, out=out)
 
-    sz = cpu_fused.int4_scales(scale, master_bits - bits, in_f, group_size, g, dtype, kernel, spare_sz, eager_scales)
+    planes = 2 if kernel == "int4x2" else 1
+    sz = cpu_inplace.int4_scales(spare, bits, dtype, (in_f // g, planes * out_f, 2), eager_scales)
+    if sz is None:
+        sz = cpu_fused.int4_scales(scale, master_bits - bits, in_f, group_size, g, dtype, kernel, spare_sz,
+                                   eager_scales)
     if sz is None:
         sz = eager_scales()
-    w4 = cpu_fused.int4_blocked(q_master, master_bits, bits, kernel, spare_w4) if _blocked64_matches_torch() else None
+    w4 = cpu_inplace.int4x2_weight(spare, master_bits, bits, q_master.shape) if kernel == "int4x2" else None
+    if w4 is None and _blocked64_matches_torch():
+        w4 = cpu_fused.int4_blocked(q_master, master_bits, bits, kernel, spare_w4)
     if w4 is None:  # fused path off / unavailable, or out % 64 != 0
         w4 = pack_int4_cpu(int4_nibbles(q_master, master_bits, bits, kernel))
     mm = torch.ops.aten._weight_int4pack_mm_for_cpu

@@ -183,9 +183,17 @@ def _build_scales():
     return scales
 
 
+@cache
+def _builders() -> dict:
+    from . import cpu_inplace  # it imports this module
+
+    return {"scales": lambda d: _build_scales(), "rescale": lambda d: cpu_inplace.build_rescale(_njit()),
+            "x2_from_master": lambda d: cpu_inplace.build_x2_from_master(_njit(), d)}
+
+
 def kernel(d: int, layout: str):
-    """The compiled ``"int8"`` / ``"blocked"`` kernel for shift ``d`` (or ``"scales"``, ``d`` unused); ``None`` when
-    the fused path is off, numba is missing, or compiling failed."""
+    """The compiled ``"int8"`` / ``"blocked"`` / ``"x2_from_master"`` kernel for shift ``d`` (or ``"scales"`` /
+    ``"rescale"``, ``d`` unused); ``None`` when the fused path is off, numba is missing, or compiling failed."""
     if not ENABLED or _nb is False:
         return None
     key = (d, layout)
@@ -195,7 +203,7 @@ def kernel(d: int, layout: str):
             fn = _kernels.get(key)
             if fn is None and _njit():
                 try:
-                    fn = _build_scales() if layout == "scales" else _build(d, layout)
+                    fn = _builders()[layout](d) if layout in _builders() else _build(d, layout)
                     _kernels[key] = fn
                 except Exception as e:  # a numba/LLVM problem must not take the model down
                     _disable(f"{type(e).__name__}: {e}")

@@ -112,10 +112,10 @@ def packed_nbytes(kernel, out_f, in_f, group_size, dtype) -> int | None:
     return None
 
 
-def pack(q_master, scale, master_bits, bits, group_size, dtype, device, kernel, spare=()) -> Packed:
+def pack(q_master, scale, master_bits, bits, group_size, dtype, device, kernel, spare=None) -> Packed:
     """Derive ``bits`` from the master and prepare it for ``kernel`` (already chosen by :func:`choose`).
-    ``q_master`` is the unpacked int8 master ``(out, in)``. ``spare``: the tensors of an evicted pack of the same
-    kernel that nothing else references; a CPU int4 pack writes into them instead of allocating."""
+    ``q_master`` is the unpacked int8 master ``(out, in)``. ``spare``: an evicted :class:`Packed` of the same
+    kernel that nothing else references; a CPU int4 pack writes into its buffers instead of allocating."""
     device = torch.device(device)
     if kernel == "dequant":
         w = core.derived_weight(q_master.to(device), scale.to(device), master_bits, bits, group_size, dtype)
@@ -136,7 +136,7 @@ def pack(q_master, scale, master_bits, bits, group_size, dtype, device, kernel, 
     raise ValueError(f"no packer for kernel {kernel!r}")
 
 
-def pack_checked(q_master, scale, master_bits, bits, group_size, dtype, device, kernel, spare=()) -> Packed:
+def pack_checked(q_master, scale, master_bits, bits, group_size, dtype, device, kernel, spare=None) -> Packed:
     """:func:`pack`, falling back to ``dequant`` if packing raises; CUDA packs are also checked against dequant
     (the ``triton`` kernel inside :func:`pack`, once per width and shape)."""
     try:

@@ -18,9 +18,9 @@ shift LLVM widens the loop to 64-bit lanes and it runs ~5x slower); clamp and of
 thread (``nogil``).
 
 numba is optional (``pip install abs_llm[fast]``; the ``test`` extra has it): without it, or when a kernel fails to
-compile or run, the eager path is used (logged once). Kernels compile on first use (~0.5-1 s each; 15 in all) and are
-cached on disk by numba (``NUMBA_CACHE_DIR`` moves the cache). ``ABS_LLM_FUSED=0`` turns the fused path off;
-:data:`ENABLED` does the same in-process (the benchmark compares both).
+compile or run, the eager path is used (logged once). Kernels compile on first use (~0.5-1 s each; 15 here, 8 in
+:mod:`.cpu_inplace`) and are cached on disk by numba (``NUMBA_CACHE_DIR`` moves the cache). ``ABS_LLM_FUSED=0``
+turns the fused path off; :data:`ENABLED` does the same in-process (the benchmark compares both).
 """
 
 from __future__ import annotations

@@ -138,9 +138,12 @@ def pack_int4(q_master, scale, master_bits, bits, group_size, dtype, kernel, spa
                                    eager_scales)
     if sz is None:
         sz = eager_scales()
-    w4 = cpu_inplace.int4x2_weight(spare, master_bits, bits, q_master.shape) if kernel == "int4x2" else None
-    if w4 is None and _blocked64_matches_torch():
-        w4 = cpu_fused.int4_blocked(q_master, master_bits, bits, kernel, spare_w4)
+    w4 = None
+    if _blocked64_matches_torch():
+        if kernel == "int4x2":
+            w4 = cpu_inplace.int4x2_weight(spare, master_bits, bits, q_master.shape)
+        if w4 is None:
+            w4 = cpu_fused.int4_blocked(q_master, master_bits, bits, kernel, spare_w4)
     if w4 is None:  # fused path off / unavailable, or out % 64 != 0
         w4 = pack_int4_cpu(int4_nibbles(q_master, master_bits, bits, kernel))
     mm = torch.ops.aten._weight_int4pack_mm_for_cpu

@@ -183,14 +183,6 @@ def _build_scales():
     return scales
 
 
-@cache
-def _builders() -> dict:
-    from . import cpu_inplace  # it imports this module
-
-    return {"scales": lambda d: _build_scales(), "rescale": lambda d: cpu_inplace.build_rescale(_njit()),
-            "x2_from_master": lambda d: cpu_inplace.build_x2_from_master(_njit(), d)}
-
-
 def kernel(d: int, layout: str):
     """The compiled ``"int8"`` / ``"blocked"`` / ``"x2_from_master"`` kernel for shift ``d`` (or ``"scales"`` /
     ``"rescale"``, ``d`` unused); ``None`` when the fused path is off, numba is missing, or compiling failed."""
@@ -203,7 +195,15 @@ def kernel(d: int, layout: str):
             fn = _kernels.get(key)
             if fn is None and _njit():
                 try:
-                    fn = _builders()[layout](d) if layout in _builders() else _build(d, layout)
+                    if layout == "scales":
+                        fn = _build_scales()
+                    elif layout in ("rescale", "x2_from_master"):
+                        from . import cpu_inplace  # it imports this module
+
+                        fn = cpu_inplace.build_rescale(_njit()) if layout == "rescale" \
+                            else cpu_inplace.build_x2_from_master(_njit(), d)
+                    else:
+                        fn = _build(d, layout)
                     _kernels[key] = fn
                 except Exception as e:  # a numba/LLVM problem must not take the model down
                     _disable(f"{type(e).__name__}: {e}")

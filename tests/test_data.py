@@ -89,6 +89,14 @@ def test_interleave_gives_every_prefix_both_corpora():
     assert interleave([a]) == a
 
 
+def test_balanced_interleave_stops_when_a_corpus_runs_out():
+    a = ["a" * 100] * 10
+    b = ["b" * 100] * 50
+    mixed = interleave([a, b], balanced=True)
+    assert [d for d in mixed if d.startswith("a")] == a
+    assert [d for d in mixed if d.startswith("b")] == b[:10]  # as much of b as of a, nothing of its surplus
+
+
 def test_lee_plus_wiki_calibration_draws_on_both():
     """The first calibration tokens of ``lee+wiki`` are half Lee, half Wikipedia (concatenated, they were all Lee)."""
     docs = calibration_texts("lee+wiki")

@@ -75,6 +75,24 @@ def test_hub_dataset_without_the_datasets_package_is_refused(monkeypatch):
         load_texts({"source": "some-user/some-hub-dataset"})
 
 
+def test_lee_plus_wiki_trains_on_as_much_of_each_and_never_on_validation_text():
+    from abs_llm.data import default_corpus
+    from abs_llm.recipe import load_texts
+
+    texts = load_texts({"source": "lee+wiki", "split": "train_fit"})
+    lee_fit, lee_val = set(default_corpus("train_fit")), set(default_corpus("validation"))
+    lee = [t for t in texts if t in lee_fit]
+    wiki = [t for t in texts if t not in lee_fit]
+    assert lee == default_corpus("train_fit")  # every Lee train document, in order
+    assert not lee_val & set(texts)
+    wiki_val = "\n".join(default_corpus("validation", name="wiki"))
+    assert wiki and all(w not in wiki_val for w in wiki[:5])
+    share = sum(map(len, lee)) / sum(map(len, texts))
+    assert 0.4 < share < 0.6, share
+    with pytest.raises(ValueError, match="use split: train_fit"):
+        load_texts({"source": "lee+wiki", "docs": [0, 225]})
+
+
 def test_local_json_and_text_files(tmp_path):
     from abs_llm.recipe import load_texts
 

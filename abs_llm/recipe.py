@@ -11,7 +11,7 @@ Schema (every key optional except where noted; unknown keys are errors so a typo
     data:
       source: lee                 # "lee" | "wiki" | "lee+wiki" (embedded corpora; "+" = as much text of each,
                                   # interleaved) | a local .txt/.json/.jsonl file | a Hub dataset name
-      split: train                # embedded: train|train_fit|validation|eval (train_fit keeps validation out); Hub: split
+      split: train                # embedded: train|train_fit|validation|eval (train_fit: no validation docs); Hub
       docs: [0, 225]              # optional [start, end) slice of the documents (keep a validation slice out)
       text_field: text            # json / Hub column holding the text
       block_size: 256             # tokens per packed training block
@@ -124,8 +124,8 @@ def load_texts(data: dict) -> list[str]:
         from .data import default_corpus, interleave
 
         if data.get("docs") is not None:
-            raise ValueError(f"data.docs slices one corpus's documents, not a mix ({source!r}); use split: train_fit to "
-                             "keep each corpus's validation documents out")
+            raise ValueError(f"data.docs slices one corpus's documents, not a mix ({source!r}); use split: train_fit "
+                             "to keep each corpus's validation documents out")
         split = data.get("split", "train")
         texts = interleave([default_corpus(split, name=n) for n in names], balanced=True)
     elif source in EMBEDDED:  # read from the installed wheels, no `datasets` needed
@@ -144,8 +144,9 @@ def load_texts(data: dict) -> list[str]:
         try:
             import datasets
         except ImportError:
-            raise ValueError(f"dataset {source!r} is neither {', '.join(EMBEDDED)}, a mix such as lee+wiki nor a local file, and reading a Hub dataset needs "
-                             "the `datasets` package (pip install datasets)") from None
+            raise ValueError(f"dataset {source!r} is neither {', '.join(EMBEDDED)}, a mix such as lee+wiki nor a local "
+                             "file, and reading a Hub dataset needs the `datasets` package (pip install datasets)"
+                             ) from None
         ds = datasets.load_dataset(source, data.get("config"), split=data.get("split", "train"))
         if field not in ds.column_names:
             raise ValueError(f"dataset {source} has no column {field!r}; columns {ds.column_names} (set data.text_field)")

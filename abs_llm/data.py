@@ -240,8 +240,9 @@ def interleave(corpora: list[list[str]], piece: int = 4000, balanced: bool = Fal
     """The text of every corpus in one list, each next piece (a document, or ~``piece`` characters of a longer one)
     taken from the corpus with the fewest characters used so far: any prefix (calibration takes the first N tokens)
     holds about as much text of each. Concatenated, the first 57k tokens of ``lee+wiki`` were Lee alone, and a
-    Wikipedia article can be 60k characters. ``balanced=True`` stops when the first corpus runs out, so the whole
-    list holds about as much of each (training samples its blocks uniformly, so any surplus would set the mix)."""
+    Wikipedia article can be 60k characters. ``balanced=True`` stops when the corpus whose turn it is has run out,
+    so the whole list holds about as much of each (training samples its blocks uniformly: a surplus would set the
+    mix)."""
     if len(corpora) == 1:
         return list(corpora[0])
     corpora = [[p for d in c for p in _pieces(d, piece)] for c in corpora]

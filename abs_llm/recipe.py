@@ -11,7 +11,8 @@ Schema (every key optional except where noted; unknown keys are errors so a typo
     data:
       source: lee                 # "lee" | "wiki" | "lee+wiki" (embedded corpora; "+" = as much text of each,
                                   # interleaved) | a local .txt/.json/.jsonl file | a Hub dataset name
-      split: train                # embedded: train|train_fit|validation|eval (train_fit: no validation docs); Hub
+      split: train                # embedded: train|train_fit|validation|eval (train_fit: without the validation
+                                  # docs); a Hub dataset: its split name
       docs: [0, 225]              # optional [start, end) slice of the documents (keep a validation slice out)
       text_field: text            # json / Hub column holding the text
       block_size: 256             # tokens per packed training block
@@ -116,7 +117,7 @@ def _number(value):
 
 # ---- data ---------------------------------------------------------------------------------------------------------
 def load_texts(data: dict) -> list[str]:
-    """Documents from the embedded Lee corpus, a local text/json file, or a Hub dataset (online only)."""
+    """Documents from an embedded corpus or a mix of them, a local text/json file, or a Hub dataset (online only)."""
     source = data.get("source", "lee")
     field = data.get("text_field", "text")
     names = str(source).split("+")

@@ -22,6 +22,10 @@ class MultiBitConfig:
     bits: bit-widths trained every step, in this order (None: every candidate, highest first).
     bit_weights: ``{bits: weight}`` multiplying each bit-width's loss (missing bits weigh 1); with ``step_per_bit``
         each width's gradient clip (``max_grad_norm``) is scaled by its weight too, so that clipping keeps the weights.
+    bit_every: ``{bits: p}``: train that width on every ``p``-th step only (missing widths: every step), so that
+        widths already near the float model (8/6 bits after ALRS) leave their share of the step to the low ones.
+        Widths with the same period are staggered by their position in ``bits`` (8 on even steps, 6 on odd ones for
+        ``{8: 2, 6: 2}``), so every step costs about the same; at least one trained width must run every step.
     step_per_bit: step the optimiser after each bit-width's backward (paper Alg. A.2) instead of once per batch.
     alrs: per-precision scale learning rate ``scale_lr * alrs_multiplier(master_bits, b)``; False: ``scale_lr`` for all.
     scale_lr: base learning rate of the scales (None: the weights' ``learning_rate``).
@@ -55,6 +59,7 @@ class MultiBitConfig:
 
     bits: list[int] | None = None
     bit_weights: dict[int, float] | None = None
+    bit_every: dict[int, int] | None = None
     step_per_bit: bool = False
     alrs: bool = True
     scale_lr: float | None = None
@@ -103,6 +108,13 @@ def lm_loss(logits, labels) -> torch.Tensor:
 
 
 
+def widths_at(step: int, bits: list[int], every: dict[int, int] | None) -> list[int]:
+    """The widths a step trains, in ``bits`` order: width ``bits[k]`` with period ``p`` runs when ``(step + k) % p
+    == 0`` (see ``MultiBitConfig.bit_every``)."""
+    every = every or {}
+    return [b for k, b in enumerate(bits) if (step + k) % every.get(b, 1) == 0]
+
+
 def validate(model, args, mb: MultiBitConfig, teacher, train_dataset) -> dict:
     """Everything a MultiBitTrainer checks before it changes anything; returns the model's switchable layers."""
     if model is None:
@@ -120,6 +132,14 @@ def validate(model, args, mb: MultiBitConfig, teacher, train_dataset) -> dict:
             raise ValueError(f"bit_weights[{b}]={w!r} must be a finite number >= 0")
     if all((mb.bit_weights or {}).get(b, 1.0) == 0 for b in bits):
         raise ValueError("all bit_weights are 0: nothing would be trained")
+    every = mb.bit_every or {}
+    for b, p in every.items():
+        if b not in bits:
+            raise ValueError(f"bit_every has bits {b}, which is not trained (bits={bits})")
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise ValueError(f"bit_every[{b}]={p!r} must be a whole number of steps >= 1")
+    if not any(every.get(b, 1) == 1 and (mb.bit_weights or {}).get(b, 1.0) > 0 for b in bits):
+        raise ValueError(f"bit_every {every} leaves no trained width running every step; give one width period 1")
     if args is not None:
         if not args.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {args.learning_rate}")
@@ -133,9 +153,10 @@ def validate(model, args, mb: MultiBitConfig, teacher, train_dataset) -> dict:
         raise ValueError(f"kd must be one of {KD_MODES}, got {mb.kd!r}")
     if mb.kd == "teacher" and teacher is None:
         raise ValueError("kd='teacher' needs the frozen float model: MultiBitTrainer(..., teacher=float_model)")
-    if mb.kd == "inplace" and (bits[0] != max(bits) or (mb.bit_weights or {}).get(bits[0], 1.0) == 0):
-        raise ValueError(f"kd='inplace' distills from the highest bit-width: it must come first with a weight > 0;"
-                         f" got bits {bits}")
+    if mb.kd == "inplace" and (bits[0] != max(bits) or (mb.bit_weights or {}).get(bits[0], 1.0) == 0
+                               or every.get(bits[0], 1) != 1):
+        raise ValueError(f"kd='inplace' distills from the highest bit-width: it must come first with a weight > 0"
+                         f" and run every step; got bits {bits}, bit_every {every}")
     if not 0.0 <= mb.kd_alpha <= 1.0 or not mb.kd_temperature > 0:
         raise ValueError("kd_alpha must be in [0, 1] and kd_temperature > 0")
     if mb.fused not in FUSED:

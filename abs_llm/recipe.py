@@ -20,6 +20,7 @@ Schema (every key optional except where noted; unknown keys are errors so a typo
     multibit:                     # MultiBitConfig fields (abs_llm.training)
       bits: [8, 6, 4, 3, 2]
       bit_weights: {2: 0.5}
+      bit_every: {8: 2, 6: 2}     # optional: train a width on every p-th step only (staggered)
       step_per_bit: false
       alrs: true
       scale_lr: 1.0e-4
@@ -129,6 +130,8 @@ def build_trainer(recipe: dict, tokenizer=None):
     mb_fields = dict(recipe["multibit"])
     if "bit_weights" in mb_fields and mb_fields["bit_weights"]:
         mb_fields["bit_weights"] = {int(k): float(v) for k, v in mb_fields["bit_weights"].items()}
+    if mb_fields.get("bit_every"):
+        mb_fields["bit_every"] = {int(k): v for k, v in mb_fields["bit_every"].items()}
     try:
         mb = MultiBitConfig(**mb_fields)
     except TypeError as e:

@@ -50,6 +50,7 @@ from .multibit import (  # noqa: F401  (public here too)
     kd_target,
     lm_loss,
     validate,
+    widths_at,
 )
 from .switching import set_bits, switchable_layers
 
@@ -217,10 +218,10 @@ class MultiBitTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         total = torch.zeros((), device=labels.device)
         inplace_target = None
-        for i, b in enumerate(self.bits_order):
-            w = self.bit_weights[b]
-            if w == 0:
-                continue
+        run = [b for b in widths_at(self.state.global_step, self.bits_order, self.mb.bit_every)
+               if self.bit_weights[b] > 0]
+        for b in run:
+            i, w = self.bits_order.index(b), self.bit_weights[b]
             for layer in self.layers.values():  # every width was validated in __init__; set_bits (module walks,
                 layer.bits = b                  # config mirror) runs once at the end of the step
             if self.hasb is not None:
@@ -228,7 +229,7 @@ class MultiBitTrainer(Trainer):
                 bit_map = self.hasb.step(progress, base_bits=b, key=(self.state.global_step, i))
                 self._hasb_bits[0] += sum(bit_map.values()) / len(bit_map)
                 self._hasb_bits[1] += 1
-            last = i == len(self.bits_order) - 1
+            last = b == run[-1]
             # accumulate mode: only the last backward of the batch all-reduces (as in gradient accumulation)
             sync = contextlib.nullcontext() if (last or self.mb.step_per_bit) else self.accelerator.no_sync(model)
             if not self.mb.step_per_bit:

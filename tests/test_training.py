@@ -285,3 +285,25 @@ def test_step_per_bit_clip_keeps_the_bit_weights(tiny_tok, tmp_path):
     tr.optimizer.step = spy
     tr.training_step(tr.model, {k: torch.tensor(v) for k, v in tr.train_dataset[:2].items()})
     assert seen == pytest.approx([1e-4 * weights[b] for b in (8, 4, 2)], rel=1e-3)
+
+
+def test_bit_every_trains_a_width_on_every_pth_step_staggered(tiny_tok, tmp_path):
+    tr = _setup(tiny_tok, tmp_path, max_steps=4, step_per_bit=True, bit_every={8: 2, 4: 2})
+    seen = []
+    inner = tr._step_for_bit
+    tr._step_for_bit = lambda model, b: (seen.append((tr.state.global_step, b)), inner(model, b))
+    tr.train()
+    # 8 (position 0) on even steps, 4 (position 1) on odd ones, 2 on every step
+    assert seen == [(0, 8), (0, 2), (1, 4), (1, 2), (2, 8), (2, 2), (3, 4), (3, 2)]
+    logs = [e for e in tr.state.log_history if "loss" in e]
+    assert ["loss_w8" in e for e in logs] == [True, False, True, False]
+    assert all("loss_w2" in e for e in logs)
+
+
+def test_bit_every_is_checked_before_training(tiny_tok, tmp_path):
+    for every, match in (({3: 2}, "not trained"), ({8: 0}, "whole number"), ({8: 1.5}, "whole number"),
+                         ({8: 2, 4: 2, 2: 3}, "no trained width running every step")):
+        with pytest.raises(ValueError, match=match):
+            _setup(tiny_tok, tmp_path, bit_every=every)
+    with pytest.raises(ValueError, match="run every step"):
+        _setup(tiny_tok, tmp_path, kd="inplace", bit_every={8: 2})

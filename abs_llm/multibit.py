@@ -107,7 +107,6 @@ def lm_loss(logits, labels) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-
 def widths_at(step: int, bits: list[int], every: dict[int, int] | None) -> list[int]:
     """The widths a step trains, in ``bits`` order: width ``bits[k]`` with period ``p`` runs when ``(step + k) % p
     == 0`` (see ``MultiBitConfig.bit_every``)."""

@@ -19,7 +19,7 @@ KD_MODES = ("teacher", "inplace", "none")
 class MultiBitConfig:
     """What a joint multi-bit step does.
 
-    bits: bit-widths trained every step, in this order (None: every candidate, highest first).
+    bits: bit-widths trained, in this order within a step (None: every candidate, highest first).
     bit_weights: ``{bits: weight}`` multiplying each bit-width's loss (missing bits weigh 1); with ``step_per_bit``
         each width's gradient clip (``max_grad_norm``) is scaled by its weight too, so that clipping keeps the weights.
     bit_every: ``{bits: p}``: train that width on every ``p``-th step only (missing widths: every step), so that
@@ -107,11 +107,11 @@ def lm_loss(logits, labels) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def widths_at(step: int, bits: list[int], every: dict[int, int] | None) -> list[int]:
-    """The widths a step trains, in ``bits`` order: width ``bits[k]`` with period ``p`` runs when ``(step + k) % p
-    == 0`` (see ``MultiBitConfig.bit_every``)."""
+def widths_at(step: int, bits: list[int], every: dict[int, int] | None) -> list[tuple[int, int]]:
+    """``(k, bits[k])`` of the widths a step trains, in ``bits`` order: width ``bits[k]`` with period ``p`` runs
+    when ``(step + k) % p == 0`` (see ``MultiBitConfig.bit_every``)."""
     every = every or {}
-    return [b for k, b in enumerate(bits) if (step + k) % every.get(b, 1) == 0]
+    return [(k, b) for k, b in enumerate(bits) if (step + k) % every.get(b, 1) == 0]
 
 
 def validate(model, args, mb: MultiBitConfig, teacher, train_dataset) -> dict:
@@ -124,12 +124,13 @@ def validate(model, args, mb: MultiBitConfig, teacher, train_dataset) -> dict:
     bad = [b for b in bits if isinstance(b, bool) or b not in cands]
     if not bits or bad or len(set(bits)) != len(bits):
         raise ValueError(f"bits {bits} must be distinct candidate bit-widths of the model; allowed {sorted(cands)}")
-    for b, w in (mb.bit_weights or {}).items():
+    weights = mb.bit_weights or {}
+    for b, w in weights.items():
         if b not in bits:
             raise ValueError(f"bit_weights has bits {b}, which is not trained (bits={bits})")
         if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
             raise ValueError(f"bit_weights[{b}]={w!r} must be a finite number >= 0")
-    if all((mb.bit_weights or {}).get(b, 1.0) == 0 for b in bits):
+    if all(weights.get(b, 1.0) == 0 for b in bits):
         raise ValueError("all bit_weights are 0: nothing would be trained")
     every = mb.bit_every or {}
     for b, p in every.items():
@@ -137,7 +138,7 @@ def validate(model, args, mb: MultiBitConfig, teacher, train_dataset) -> dict:
             raise ValueError(f"bit_every has bits {b}, which is not trained (bits={bits})")
         if isinstance(p, bool) or not isinstance(p, int) or p < 1:
             raise ValueError(f"bit_every[{b}]={p!r} must be a whole number of steps >= 1")
-    if not any(every.get(b, 1) == 1 and (mb.bit_weights or {}).get(b, 1.0) > 0 for b in bits):
+    if not any(every.get(b, 1) == 1 and weights.get(b, 1.0) > 0 for b in bits):
         raise ValueError(f"bit_every {every} leaves no trained width running every step; give one width period 1")
     if args is not None:
         if not args.learning_rate > 0:
@@ -152,7 +153,7 @@ def validate(model, args, mb: MultiBitConfig, teacher, train_dataset) -> dict:
         raise ValueError(f"kd must be one of {KD_MODES}, got {mb.kd!r}")
     if mb.kd == "teacher" and teacher is None:
         raise ValueError("kd='teacher' needs the frozen float model: MultiBitTrainer(..., teacher=float_model)")
-    if mb.kd == "inplace" and (bits[0] != max(bits) or (mb.bit_weights or {}).get(bits[0], 1.0) == 0
+    if mb.kd == "inplace" and (bits[0] != max(bits) or weights.get(bits[0], 1.0) == 0
                                or every.get(bits[0], 1) != 1):
         raise ValueError(f"kd='inplace' distills from the highest bit-width: it must come first with a weight > 0"
                          f" and run every step; got bits {bits}, bit_every {every}")

@@ -218,10 +218,10 @@ class MultiBitTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         total = torch.zeros((), device=labels.device)
         inplace_target = None
-        run = [b for b in widths_at(self.state.global_step, self.bits_order, self.mb.bit_every)
+        run = [(i, b) for i, b in widths_at(self.state.global_step, self.bits_order, self.mb.bit_every)
                if self.bit_weights[b] > 0]
-        for b in run:
-            i, w = self.bits_order.index(b), self.bit_weights[b]
+        for i, b in run:
+            w = self.bit_weights[b]
             for layer in self.layers.values():  # every width was validated in __init__; set_bits (module walks,
                 layer.bits = b                  # config mirror) runs once at the end of the step
             if self.hasb is not None:
@@ -229,7 +229,7 @@ class MultiBitTrainer(Trainer):
                 bit_map = self.hasb.step(progress, base_bits=b, key=(self.state.global_step, i))
                 self._hasb_bits[0] += sum(bit_map.values()) / len(bit_map)
                 self._hasb_bits[1] += 1
-            last = b == run[-1]
+            last = i == run[-1][0]
             # accumulate mode: only the last backward of the batch all-reduces (as in gradient accumulation)
             sync = contextlib.nullcontext() if (last or self.mb.step_per_bit) else self.accelerator.no_sync(model)
             if not self.mb.step_per_bit:

@@ -16,6 +16,10 @@ Schema (every key optional except where noted; unknown keys are errors so a typo
       docs: [0, 225]              # optional [start, end) slice of the documents (keep a validation slice out)
       text_field: text            # json / Hub column holding the text
       block_size: 256             # tokens per packed training block
+      teacher_text:               # optional: text sampled from the float model, each sequence started from the first
+        sequences: 200            # prompt_tokens tokens of a training document (abs_llm.teacher_text); mix: add
+        tokens: 256               # (beside all of the source text, interleaved) | only (the sampled text alone);
+        mix: add                  # cached in output_dir/teacher_text.jsonl; more keys: prompt_tokens, temperature, seed
     quant: {candidate_bits: [8, 6, 4, 3, 2], master_bits: 8, group_size: 64}
     multibit:                     # MultiBitConfig fields (abs_llm.training)
       bits: [8, 6, 4, 3, 2]
@@ -51,11 +55,12 @@ import yaml
 
 from .blocks import load_texts, pack_blocks
 from .results import DEFAULT_EVAL_CHUNKS
+from .teacher_text import settings as teacher_settings
 
 logger = logging.getLogger(__name__)
 
 TOP_KEYS = {"model", "init", "output_dir", "data", "quant", "multibit", "train"}
-DATA_KEYS = {"source", "split", "docs", "text_field", "block_size", "config"}
+DATA_KEYS = {"source", "split", "docs", "text_field", "block_size", "config", "teacher_text"}
 QUANT_KEYS = {"candidate_bits", "master_bits", "group_size"}
 INIT_TEXT_KEYS = ("method", "calibration", "calib_docs")  # init: {method: gptq, ...}; other keys: GPTQOptions fields
 TRAIN_DEFAULTS = dict(max_steps=40, per_device_train_batch_size=2, learning_rate=1e-5, weight_decay=0.0,
@@ -76,6 +81,10 @@ def load_recipe(path: str | os.PathLike, max_steps: int | None = None, output_di
         unknown = set(section) - keys
         if unknown:
             raise ValueError(f"recipe {path}: unknown {name} keys {sorted(unknown)}; allowed {sorted(keys)}")
+    try:
+        teacher_settings((recipe.get("data") or {}).get("teacher_text"))
+    except ValueError as e:
+        raise ValueError(f"recipe {path}: {e}") from None
     for section in ("train", "multibit"):
         if isinstance(recipe.get(section), dict):
             recipe[section] = {k: _number(v) for k, v in recipe[section].items()}
@@ -154,20 +163,39 @@ def build_trainer(recipe: dict, tokenizer=None):
 
     tok = source_tokenizer(path, tokenizer)
     data = recipe["data"]
-    train_ds = pack_blocks(tok, load_texts(data), data.get("block_size", 256))  # data errors before the model loads
+    texts = load_texts(data)
+    train_ds = pack_blocks(tok, texts, data.get("block_size", 256))  # data errors before the model loads
+    sampled = teacher_settings(data.get("teacher_text"))
     init = recipe.get("init")
     if init and not isinstance(init, dict):
         model = load_init(init, recipe["quant"])
         teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() if mb.kd != "none" else None
+        if sampled:
+            float_model = teacher or AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            train_ds = _with_teacher_text(sampled, float_model, tok, texts, data, args)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         teacher = copy.deepcopy(model).eval() if mb.kd != "none" else None
+        if sampled:  # the float model, before it is quantized
+            train_ds = _with_teacher_text(sampled, model, tok, texts, data, args)
         quantize(model, qcfg, trainable=True, **(gptq_init(init, tok) if init else {}))
     model.config.use_cache = False
     if mb.hasb and mb.hasb_traces is None and not getattr(model.config.quantization_config, "hessian_traces", None):
         mb.hasb_traces = estimate_traces(model, train_ds, seed=mb.hasb_seed)
     return MultiBitTrainer(model=model, args=args, multibit=mb, teacher=teacher, train_dataset=train_ds,
                            data_collator=default_data_collator, processing_class=tok)
+
+
+def _with_teacher_text(sampled: dict, float_model, tok, texts: list[str], data: dict, args):
+    """Training blocks with the float model's own text beside all of the source text (``mix: add``, interleaved) or
+    alone (``mix: only``); under several processes the main one samples and caches it, the others read the cache."""
+    from .data import interleave
+    from .teacher_text import teacher_text
+
+    with args.main_process_first(desc="teacher text"):
+        extra = teacher_text(sampled, float_model, tok, texts, args.output_dir)
+    mixed = extra if sampled["mix"] == "only" else interleave([texts, extra])
+    return pack_blocks(tok, mixed, data.get("block_size", 256))
 
 
 def native_bf16() -> tuple[bool, bool]:

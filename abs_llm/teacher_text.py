@@ -93,9 +93,10 @@ def _bf16_pays(device: torch.device) -> bool:
 
 def teacher_text(section: dict, model, tokenizer, docs: list[str], cache_dir: str | Path | None) -> list[str]:
     """The sampled sequences for ``section`` (see :func:`settings`), read from ``cache_dir/teacher_text.jsonl`` when
-    an earlier run (e.g. before a resume) wrote them with the same settings and prompts, else sampled and written."""
+    an earlier run (e.g. before a resume) wrote them with the same settings, model and prompts, else sampled and
+    written."""
     heads = prompts(tokenizer, docs, section["sequences"], section["prompt_tokens"])
-    key = {**section, "heads": heads}
+    key = {**section, "model": getattr(model.config, "_name_or_path", None), "heads": heads}
     cache = Path(cache_dir, CACHE_NAME) if cache_dir else None
     if cache is not None and cache.is_file():
         lines = cache.read_text(encoding="utf-8").splitlines()

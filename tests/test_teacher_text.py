@@ -62,7 +62,8 @@ def test_recipe_trains_on_the_sampled_text_and_caches_it(tmp_path, tiny_lm_dir, 
     tr = build_trainer(load_recipe(path, 1, str(out)))
     lines = (out / tt.CACHE_NAME).read_text().splitlines()
     texts = [json.loads(line)["text"] for line in lines[1:]]
-    assert len(texts) == 3 and json.loads(lines[0])["settings"]["sequences"] == 3
+    header = json.loads(lines[0])["settings"]
+    assert len(texts) == 3 and header["sequences"] == 3 and header["model"] == str(tiny_lm_dir)
     tok = tr.processing_class
     sep = tok("\n\n", add_special_tokens=False)["input_ids"]
     ids = [i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"] + sep]

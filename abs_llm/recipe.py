@@ -171,7 +171,8 @@ def build_trainer(recipe: dict, tokenizer=None):
         model = load_init(init, recipe["quant"])
         teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() if mb.kd != "none" else None
         if sampled:
-            float_model = teacher or AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            float_model = teacher if teacher is not None else AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32)
             train_ds = _with_teacher_text(sampled, float_model, tok, texts, data, args)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -74,8 +74,7 @@ def sample(model, tokenizer, heads: list[list[int]], tokens: int, temperature: f
                 with autocast:
                     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                          temperature=float(temperature), top_k=0, top_p=1.0, max_new_tokens=tokens,
-                                         min_new_tokens=tokens, pad_token_id=eos, eos_token_id=eos,
-                                         suppress_tokens=special, use_cache=True)
+                                         pad_token_id=eos, eos_token_id=eos, suppress_tokens=special, use_cache=True)
                 rows += out.tolist()
                 logger.info("teacher text: %d/%d sequences (%.0f s)", len(rows), len(heads), time.perf_counter() - t0)
     finally:

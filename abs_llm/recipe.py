@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -95,6 +96,7 @@ def load_recipe(path: str | os.PathLike, max_steps: int | None = None, output_di
         raise ValueError(f"max_steps must be an integer >= 1, got {train['max_steps']!r}")
     if not float(train["learning_rate"]) > 0:
         raise ValueError(f"learning_rate must be > 0, got {train['learning_rate']}")
+    _decay_steps(train)
     if train.get("bf16") == "auto":
         train["bf16"], on_cpu = native_bf16()
         if train["bf16"] and on_cpu:
@@ -116,6 +118,27 @@ def load_recipe(path: str | os.PathLike, max_steps: int | None = None, output_di
         raise ValueError(f"recipe {path}: init must be a checkpoint path or a mapping with method: gptq (plus calibration, "
                          f"calib_docs and GPTQ options such as calib_tokens), got {init!r}")
     return recipe
+
+
+def _decay_steps(train: dict) -> None:
+    """A ``num_decay_steps`` below 1 is a fraction of ``max_steps`` (as TrainingArguments reads ``warmup_steps``), so
+    ``--max-steps`` keeps a warmup-stable-decay recipe's shape; a decay longer than the run is refused, since the
+    scheduler would silently start the run part-way down the decay."""
+    kwargs = train.get("lr_scheduler_kwargs")
+    if train.get("lr_scheduler_type") != "warmup_stable_decay" or not isinstance(kwargs, dict):
+        return
+    decay = _number(kwargs.get("num_decay_steps"))
+    if "num_stable_steps" in kwargs or not isinstance(decay, (int, float)) or isinstance(decay, bool):
+        return  # an explicit stable phase, or no decay given: transformers checks it
+    steps, warmup = train["max_steps"], train.get("warmup_steps") or 0
+    if 0 < decay < 1:
+        decay = max(1, math.ceil(round(steps * decay, 6)))
+    warmup = math.ceil(round(steps * warmup, 6)) if 0 < warmup < 1 else int(warmup)
+    if decay != int(decay) or not 1 <= decay <= steps - warmup:
+        raise ValueError(f"lr_scheduler_kwargs.num_decay_steps={kwargs['num_decay_steps']!r} does not fit "
+                         f"max_steps={steps} (warmup {warmup}): give a whole number of steps up to {steps - warmup}, "
+                         f"or a fraction of max_steps below 1 (e.g. 0.3)")
+    train["lr_scheduler_kwargs"] = {**kwargs, "num_decay_steps": int(decay)}
 
 
 def _number(value):

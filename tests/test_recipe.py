@@ -36,6 +36,39 @@ def test_shipped_recipes_validate(tmp_path):
         TrainingArguments(output_dir=r["output_dir"], **r["train"])
 
 
+@pytest.mark.parametrize("max_steps, decay", [(100, 30), (200, 60), (10, 3), (2, 1), (1, 1)])
+def test_a_decay_fraction_follows_max_steps(tmp_path, max_steps, decay):
+    """The CPU recipe decays over its last 30% of steps whatever --max-steps says: the scheduler keeps the LR flat
+    up to the first decay step, lowers it at every step after, and reaches 0 when the run ends."""
+    from transformers import get_scheduler
+
+    r = load_recipe(ROOT / "recipes" / "qat_smollm2_cpu.yaml", max_steps=max_steps, output_dir=str(tmp_path))
+    assert r["train"]["lr_scheduler_kwargs"]["num_decay_steps"] == decay
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_scheduler("warmup_stable_decay", opt, num_warmup_steps=0, num_training_steps=max_steps,
+                          scheduler_specific_kwargs=r["train"]["lr_scheduler_kwargs"])
+    lrs = []  # lrs[i]: the LR of step i
+    for _ in range(max_steps):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    stable = max_steps - decay
+    assert lrs[:stable + 1] == [1.0] * (stable + 1)
+    assert all(a > b for a, b in zip(lrs[stable:], lrs[stable + 1:]))
+    assert sched.get_last_lr()[0] == 0.0
+
+
+def test_a_decay_longer_than_the_run_is_refused(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train: {lr_scheduler_type: warmup_stable_decay, lr_scheduler_kwargs: {num_decay_steps: 30}}\n")
+    assert load_recipe(p, max_steps=30)["train"]["lr_scheduler_kwargs"] == {"num_decay_steps": 30}
+    with pytest.raises(ValueError, match=r"num_decay_steps=30 does not fit max_steps=20 .*fraction of max_steps"):
+        load_recipe(p, max_steps=20)
+    p.write_text("train: {lr_scheduler_type: warmup_stable_decay, lr_scheduler_kwargs: {num_decay_steps: 2.5}}\n")
+    with pytest.raises(ValueError, match="whole number of steps"):
+        load_recipe(p, max_steps=20)
+
+
 def test_recipe_with_hasb_estimates_traces(tiny_lm_dir, tmp_path):
     path = write_recipe(tmp_path, tiny_lm_dir)
     r = yaml.safe_load(path.read_text())

@@ -146,7 +146,8 @@ def run_demo(args):
 def add_train(sub):
     p = sub.add_parser("train", help="joint multi-bit QAT from a recipe YAML (also: accelerate launch -m abs_llm.cli train)")
     p.add_argument("recipe", help="recipe YAML (see recipes/ and abs_llm/recipe.py for the schema)")
-    p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="override train.max_steps (a num_decay_steps below 1 is a share of it)")
     p.add_argument("--output-dir", default=None, help="override output_dir; receives the final switchable checkpoint")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if OUTPUT_DIR holds checkpoint-* dirs")
     p.add_argument("--resume-from", default=None, help="resume from this Trainer checkpoint directory")

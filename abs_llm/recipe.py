@@ -4,7 +4,8 @@ Schema (every key optional except where noted; unknown keys are errors so a typo
 
     model: null                   # HF id or local path; null = the embedded SmolLM2-135M-Instruct
     init: null                    # optional switchable checkpoint the student starts from (e.g. a GPTQ master);
-                                  # ``model`` is then the float teacher and the tokenizer; ``quant`` must agree or be empty.
+                                  # ``model`` is then the float teacher and the tokenizer; ``quant`` must agree
+                                  # or be empty.
                                   # Or {method: gptq, calibration: lee, calib_tokens: 2048, ...}: make the GPTQ
                                   # master of ``model`` here first (other keys: abs_llm.ptq.GPTQOptions fields)
     output_dir: outputs/qat
@@ -38,6 +39,8 @@ Schema (every key optional except where noted; unknown keys are errors so a typo
       max_steps: 40
       per_device_train_batch_size: 2
       learning_rate: 1.0e-5
+      lr_scheduler_type: warmup_stable_decay
+      lr_scheduler_kwargs: {num_decay_steps: 0.3}  # below 1: that share of max_steps (--max-steps keeps it)
       bf16: auto                  # bf16 autocast where the hardware runs bf16 matmuls natively (latent weights,
                                   # fake quantization and the KL stay fp32); true / false as in TrainingArguments
 """
@@ -115,8 +118,8 @@ def load_recipe(path: str | os.PathLike, max_steps: int | None = None, output_di
         except (TypeError, ValueError) as e:
             raise ValueError(f"recipe {path}: init: {e}") from None
     elif init is not None and not isinstance(init, (str, os.PathLike)):
-        raise ValueError(f"recipe {path}: init must be a checkpoint path or a mapping with method: gptq (plus calibration, "
-                         f"calib_docs and GPTQ options such as calib_tokens), got {init!r}")
+        raise ValueError(f"recipe {path}: init must be a checkpoint path or a mapping with method: gptq (plus "
+                         f"calibration, calib_docs and GPTQ options such as calib_tokens), got {init!r}")
     return recipe
 
 

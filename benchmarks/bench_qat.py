@@ -207,6 +207,18 @@ def run_ptq(args):
             **eval_model(ptq(model), tok, args.split, args.max_chunks)}
 
 
+def _run_label(tag: str, knobs: list[str], width: int = 80) -> str:
+    """``tag: knob, knob``, wrapped between knobs (never inside one) so that the legend stays narrow."""
+    lines = [f"{tag}:" if knobs else tag]
+    for i, knob in enumerate(knobs):
+        knob += "," if i < len(knobs) - 1 else ""
+        if i and len(lines[-1]) + 1 + len(knob) > width:
+            lines.append("    " + knob)
+        else:
+            lines[-1] += " " + knob
+    return "\n".join(lines)
+
+
 def plot_curves(results: str, tags: list[str], path: str, fp: float | None = None) -> None:
     """Validation PPL per width against step, one panel per width and one line per run (``--tag``), from the
     ``curve`` of each run's JSON line; a ``ptq --init`` line for the same checkpoint is the run's step 0."""
@@ -231,8 +243,8 @@ def plot_curves(results: str, tags: list[str], path: str, fp: float | None = Non
             start = starts.get(r.get("init"))
             if start and w in start and all(s for s, _ in pts):
                 pts.insert(0, (0, start[w]))
-            knobs = ", ".join(x.split(".", 1)[1] for x in r.get("set") or [])  # the --set overrides name the run
-            ax.plot(*zip(*pts), marker="o", ms=3, label=f"{tag}: {knobs}" if knobs else tag)
+            knobs = [x.split(".", 1)[1] for x in r.get("set") or [] if not x.startswith("train.save_strategy")]
+            ax.plot(*zip(*pts), marker="o", ms=3, label=_run_label(tag, knobs))  # the --set overrides name the run
         if fp:
             ax.axhline(fp, color="grey", lw=0.8, ls="--", label="FP")
         ys = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
@@ -243,9 +255,10 @@ def plot_curves(results: str, tags: list[str], path: str, fp: float | None = Non
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation PPL")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=7)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=120)
+    fig.tight_layout()
+    # below the panels, as wide as the labels need: bbox_inches="tight" grows the image to hold it, never clips it
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=min(len(labels), 2), fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -28,10 +28,15 @@ def test_bench_qat_plot_draws_every_run_from_its_start(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_qat
 
+    knobs_b = ["lr_scheduler_type=warmup_stable_decay",
+               "lr_scheduler_kwargs={num_stable_steps: 70, num_decay_steps: 30}"]
+    label_b = ("b: lr_scheduler_type=warmup_stable_decay,\n"  # wrapped: a long label must not run off the image
+               "    lr_scheduler_kwargs={num_stable_steps: 70, num_decay_steps: 30}")
     lines = [{"what": "ptq", "init": "M", "tag": "START", "w8": 30.0, "w4": 40.0},
-             {"what": "qat", "tag": "a", "init": "M", "set": ["train.learning_rate=3e-6"],
+             {"what": "qat", "tag": "a", "init": "M", "set": ["train.learning_rate=3e-6", "train.save_strategy='no'"],
               "curve": [{"step": 20, "w8": 29.0, "w4": 35.0}, {"step": 40, "w8": 28.9, "w4": 34.0}]},
-             {"what": "qat", "tag": "b", "init": None, "curve": [{"step": 20, "w8": 29.5, "w4": 36.0}]}]
+             {"what": "qat", "tag": "b", "init": None, "set": [f"train.{k}" for k in knobs_b],
+              "curve": [{"step": 20, "w8": 29.5, "w4": 36.0}]}]
     res = tmp_path / "r.jsonl"
     res.write_text("".join(json.dumps(x) + "\n" for x in lines))
     drawn = []  # (label, points) per line, panels in order 8-bit then 4-bit
@@ -43,8 +48,8 @@ def test_bench_qat_plot_draws_every_run_from_its_start(tmp_path, monkeypatch):
     bench_qat.plot_curves(str(res), ["a", "b"], str(tmp_path / "c.png"), fp=28.0)
     assert (tmp_path / "c.png").stat().st_size > 0
     assert drawn == [("a: learning_rate=3e-6", [(0, 30.0), (20, 29.0), (40, 28.9)]),  # the start, then the curve
-                     ("b", [(20, 29.5)]),  # no start line for its checkpoint
-                     ("a: learning_rate=3e-6", [(0, 40.0), (20, 35.0), (40, 34.0)]), ("b", [(20, 36.0)])]
+                     (label_b, [(20, 29.5)]),  # no start line for its checkpoint
+                     ("a: learning_rate=3e-6", [(0, 40.0), (20, 35.0), (40, 34.0)]), (label_b, [(20, 36.0)])]
     with pytest.raises(SystemExit, match=r"\['c'\]"):
         bench_qat.plot_curves(str(res), ["a", "c"], str(tmp_path / "c.png"))
     sys.modules.pop("bench_qat", None)

@@ -39,7 +39,7 @@ Schema (every key optional except where noted; unknown keys are errors so a typo
       max_steps: 40
       per_device_train_batch_size: 2
       learning_rate: 1.0e-5
-      lr_scheduler_type: warmup_stable_decay
+      lr_scheduler_type: warmup_stable_decay       # default: constant
       lr_scheduler_kwargs: {num_decay_steps: 0.3}  # below 1: that share of max_steps (--max-steps keeps it)
       bf16: auto                  # bf16 autocast where the hardware runs bf16 matmuls natively (latent weights,
                                   # fake quantization and the KL stay fp32); true / false as in TrainingArguments

@@ -124,19 +124,16 @@ def load_recipe(path: str | os.PathLike, max_steps: int | None = None, output_di
 
 
 def _decay_steps(train: dict) -> None:
-    """A ``num_decay_steps`` below 1 is a fraction of ``max_steps`` (as TrainingArguments reads ``warmup_steps``), so
-    ``--max-steps`` keeps a warmup-stable-decay recipe's shape; a decay longer than the run is refused, since the
-    scheduler would silently start the run part-way down the decay."""
+    """A ``num_decay_steps`` below 1 is that share of ``max_steps`` (as TrainingArguments reads ``warmup_steps``), so
+    ``--max-steps`` keeps a warmup-stable-decay recipe's shape. A decay longer than the run is refused: the scheduler
+    would silently start the run part-way down it."""
     kwargs = train.get("lr_scheduler_kwargs")
-    if train.get("lr_scheduler_type") != "warmup_stable_decay" or not isinstance(kwargs, dict):
-        return
-    decay = _number(kwargs.get("num_decay_steps"))
-    if "num_stable_steps" in kwargs or not isinstance(decay, (int, float)) or isinstance(decay, bool):
-        return  # an explicit stable phase, or no decay given: transformers checks it
-    steps, warmup = train["max_steps"], train.get("warmup_steps") or 0
-    if 0 < decay < 1:
-        decay = max(1, math.ceil(round(steps * decay, 6)))
-    warmup = math.ceil(round(steps * warmup, 6)) if 0 < warmup < 1 else int(warmup)
+    if (train.get("lr_scheduler_type") != "warmup_stable_decay" or not isinstance(kwargs, dict)
+            or "num_stable_steps" in kwargs or not isinstance(kwargs.get("num_decay_steps"), (int, float))):
+        return  # another schedule, an explicit stable phase, or no decay given: transformers checks those
+    steps = train["max_steps"]
+    decay, warmup = (math.ceil(round(steps * v, 6)) if 0 < v < 1 else v
+                     for v in (kwargs["num_decay_steps"], train.get("warmup_steps") or 0))
     if decay != int(decay) or not 1 <= decay <= steps - warmup:
         raise ValueError(f"lr_scheduler_kwargs.num_decay_steps={kwargs['num_decay_steps']!r} does not fit "
                          f"max_steps={steps} (warmup {warmup}): give a whole number of steps up to {steps - warmup}, "

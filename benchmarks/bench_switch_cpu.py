@@ -11,7 +11,8 @@ switch of the process (kernels loaded from numba's disk cache) and the compile c
 cache are reported apart. "ping-pong": switching back and forth between two widths that are both cached (Python
 only; median of 101 switches, against the same copy).
 
-Usage: python benchmarks/bench_switch_cpu.py [--repeats 5] [--threads 1,2] [--out benchmarks/results/switch_cpu.json]
+Usage: python benchmarks/bench_switch_cpu.py [--repeats 5] [--threads 1,2] [--cache-size N]
+    [--out benchmarks/results/switch_cpu.json]
 """
 
 from __future__ import annotations
@@ -82,10 +83,12 @@ def compile_costs(keys) -> dict:
     return out
 
 
-def bench(models, repeats: int) -> dict:
-    res = {"load_before": os.getloadavg()}
+def bench(models, repeats: int, cache_size: int | None = None) -> dict:
+    res = {"load_before": os.getloadavg(), "cache_size": cache_size}
     for key, model in models.items():
         layers = list(switchable_layers(model).values())
+        for m in layers if cache_size else ():
+            m.cache_size = cache_size
         masters = [m.weight_master for m in layers]
         dsts = [torch.empty_like(m) for m in masters]
         raw = {"clone": [], "copy": [], **{f"{v} {s}->{d}": [] for v in VARIANTS for s, d in PAIRS}}
@@ -134,7 +137,8 @@ def bench(models, repeats: int) -> dict:
 
 def table(res: dict, threads: int) -> str:
     g = [res["groupnone"], res["group64"]]
-    head = (f"{threads} thread(s), load average {res['load_before'][0]:.1f} -> {res['load_after'][0]:.1f}\n"
+    head = (f"{threads} thread(s), load average {res['load_before'][0]:.1f} -> {res['load_after'][0]:.1f}"
+            + (f", cache size {res['cache_size']}" if res.get("cache_size") else "") + "\n"
             "| switch | per-channel fused | eager | group 64 fused | eager |\n|---|---:|---:|---:|---:|\n"
             + "| copy of the masters | " + " | ".join(
                 f"{r['seconds']['copy'] * 1e3:.1f} ms (clone {r['seconds']['clone'] * 1e3:.1f} ms) | " for r in g)
@@ -160,6 +164,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts, each run in turn")
     ap.add_argument("--out", default="benchmarks/results/switch_cpu.json")
+    ap.add_argument("--cache-size", type=int, default=None,
+                    help="packed widths each layer keeps (default: SwitchableLinear's, 2); with 1 every cold switch "
+                         "evicts the width it leaves before packing")
     args = ap.parse_args()
     from abs_llm.data import load_default_model
 
@@ -178,7 +185,7 @@ def main():
     print(f"{res['machine']}, torch {torch.__version__}, fused path available: {res['numba']}", flush=True)
     for n in (int(x) for x in args.threads.split(",")):
         torch.set_num_threads(n)
-        res[f"threads{n}"] = r = bench(models, args.repeats)
+        res[f"threads{n}"] = r = bench(models, args.repeats, args.cache_size)
         print(f"\nmedian of {args.repeats}, ms (median of paired ratios to a copy)\n" + table(r, n), flush=True)
     res["compile"] = compile_costs(sorted(cpu_fused._kernels))
     c = res["compile"]

@@ -53,3 +53,35 @@ def test_bench_qat_plot_draws_every_run_from_its_start(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"\['c'\]"):
         bench_qat.plot_curves(str(res), ["a", "c"], str(tmp_path / "c.png"))
     sys.modules.pop("bench_qat", None)
+
+
+def test_bench_switch_cpu_cold_switches_pack_the_same_bytes_both_ways(monkeypatch):
+    """``bench_switch_cpu.bench`` on tiny models (one per scale kind; a 128-wide MLP so that int4x2 and the fused
+    kernels run): every pair's fused packs equal the eager ones, and ``--cache-size 1`` keeps one width per layer,
+    so the cached ping-pong is reported as not cached."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from abs_llm import DoubleRoundingConfig, quantize, switchable_layers
+    from conftest import tiny_llama_config
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_switch_cpu
+
+    models = {}
+    for g in (None, 64):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(tiny_llama_config(hidden_size=128, intermediate_size=192)).to(torch.bfloat16)
+        models[f"group{g or 'none'}"] = m = quantize(base, DoubleRoundingConfig(group_size=g))
+        with torch.inference_mode():
+            m(torch.zeros(1, 4, dtype=torch.long))  # the layers learn their activation dtype, as in main()
+    monkeypatch.setattr(bench_switch_cpu, "PING_PONG_SWITCHES", 3)
+    for size in (None, 1):
+        res = bench_switch_cpu.bench(models, repeats=1, cache_size=size)
+        for key in models:
+            assert all(res[key]["exact"].values()), (size, key, res[key]["exact"])
+            assert res[key]["ping_pong"]["both_cached"] == (size is None), (size, key)
+        assert res["cache_size"] == size
+        assert ("cache size 1" in bench_switch_cpu.table(res, 1)) == (size == 1)
+    assert {lay.cache_size for m in models.values() for lay in switchable_layers(m).values()} == {1}
+    sys.modules.pop("bench_switch_cpu", None)

@@ -31,9 +31,18 @@ def eval_flags(p, tokenizer_only: bool = False):
     if tokenizer_only:
         return
     p.add_argument("--no-eval", action="store_true", help="skip the per-width PPL stored as eval_results.json")
-    p.add_argument("--eval-chunks", type=lambda t: None if t.lower() in ("all", "none") else int(t),
+    p.add_argument("--eval-chunks", type=eval_chunks,
                    default=DEFAULT_EVAL_CHUNKS, help="held-out windows of 512 tokens per width for eval_results.json"
                                                      f" (default {DEFAULT_EVAL_CHUNKS}; 'all')")
+
+
+def eval_chunks(text: str) -> int | None:
+    if text.lower() in ("all", "none"):
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of windows >= 1 or 'all', got {text!r} (to skip the "
+                                         "evaluation: --no-eval)")
+    return int(text)
 
 
 def bit_weights(text: str) -> dict[int, float]:

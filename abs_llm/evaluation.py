@@ -42,12 +42,18 @@ def _as_texts(texts) -> list[str]:
     return texts
 
 
+def check_max_chunks(max_chunks) -> None:
+    """Refuse a window count no evaluation can use; callers that evaluate after slow work check it first."""
+    if max_chunks is not None and (not isinstance(max_chunks, int) or isinstance(max_chunks, bool) or max_chunks < 1):
+        raise ValueError(f"max_chunks (evaluation windows) must be None (all) or an integer >= 1, got {max_chunks!r}; "
+                         "to skip the evaluation, turn it off instead (evaluate=False, CLI --no-eval).")
+
+
 def token_windows(tokenizer, texts: Sequence[str] | str, seq_len: int = 512, max_chunks: int | None = None):
     """The windows :func:`perplexity` scores, as a ``LongTensor [n_windows, window_len]`` (see the module doc)."""
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an integer >= 2 (a window needs a token to predict), got {seq_len!r}.")
-    if max_chunks is not None and (not isinstance(max_chunks, int) or max_chunks < 1):
-        raise ValueError(f"max_chunks must be None or an integer >= 1, got {max_chunks!r}.")
+    check_max_chunks(max_chunks)
     texts = _as_texts(texts)
     text = _JOIN.join(texts)
     try:  # verbose=False: the joined corpus may exceed model_max_length; that warning is irrelevant here

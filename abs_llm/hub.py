@@ -108,8 +108,10 @@ def prepare_upload(checkpoint, out, results=None, repo_id: str | None = None, ev
         raise ValueError(f"upload folder {out} exists and is not empty")
     need_eval = evaluate and results is None and read_results(checkpoint) is None
     if need_eval:
+        from .evaluation import check_max_chunks
         from .pipeline import load_checkpoint
 
+        check_max_chunks(eval_chunks)
         try:  # tokenizer and model before any file is copied: a refusal leaves no half-made folder
             model, tok = load_checkpoint(checkpoint, tokenizer_path=tokenizer)
         except ValueError as e:

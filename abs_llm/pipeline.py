@@ -57,11 +57,14 @@ def quantize_to_dir(model_id, out, config: DoubleRoundingConfig, overwrite: bool
 
     ``method="gptq"`` chooses the master on ``calibration`` text (:func:`abs_llm.data.calibration_texts`: ``"lee"``,
     ``"wiki"``, ``"lee+wiki"`` or a text file; the first ``calib_docs`` documents) with ``gptq_options``."""
+    from .evaluation import check_max_chunks
     from .hf_quantizer import quantize
     from .ptq import check_method
     from .results import evaluate_and_store
 
     check_method(method, None, None, gptq_options if method == "gptq" else None)
+    if evaluate:
+        check_max_chunks(eval_chunks)
     if method == "rtn" and (calibration is not None or calib_docs is not None):
         raise ValueError("calibration / calib_docs are only used by method='gptq'")
     kwargs = {}

@@ -26,3 +26,30 @@ def test_refusals_come_before_any_loading(tiny_llama_dir, tmp_path):
         evaluate_checkpoint("no/such/checkpoint", limit=3)
     with pytest.raises(ValueError, match="is not a switchable"):
         load_checkpoint(tiny_llama_dir)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_an_unusable_eval_window_count_is_refused_before_the_slow_part(tiny_llama_dir, tmp_path, monkeypatch, bad):
+    """``eval_chunks`` is used only after quantizing (minutes for GPTQ) or training (hours): a count no evaluation can
+    use is refused first, nothing is written, and the message names the way to skip the evaluation."""
+    from abs_llm import recipe as recipe_mod
+    from tests.conftest import write_recipe
+
+    char_tokenizer().save_pretrained(tiny_llama_dir)
+    with pytest.raises(ValueError, match="evaluate=False, CLI --no-eval"):
+        quantize_to_dir(tiny_llama_dir, tmp_path / "q", DoubleRoundingConfig(), eval_chunks=bad)
+    assert not (tmp_path / "q").exists()
+    monkeypatch.setattr(recipe_mod, "build_trainer", lambda *a, **k: pytest.fail("trained before the check"))
+    with pytest.raises(ValueError, match="evaluate=False, CLI --no-eval"):
+        recipe_mod.train(write_recipe(tmp_path, tiny_llama_dir), output_dir=str(tmp_path / "t"), eval_chunks=bad)
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("flag", ["0", "-1", "two"])
+def test_cli_eval_chunks_must_be_a_window_count(tiny_llama_dir, tmp_path, capsys, flag):
+    from abs_llm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(tiny_llama_dir), "--out", str(tmp_path / "q"), "--eval-chunks", flag])
+    assert e.value.code == 2 and "--no-eval" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

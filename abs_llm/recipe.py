@@ -301,8 +301,7 @@ def train(recipe_path, max_steps=None, output_dir=None, resume: bool | str = Tru
     """Run a recipe end to end. ``resume=True`` continues from the newest ``checkpoint-*`` in the output dir. The final
     checkpoint gets its own ``eval_results.json`` (PPL at every width) unless ``evaluate`` is False."""
     recipe = load_recipe(recipe_path, max_steps, output_dir)
-    if evaluate:  # before the training, not after it
-        check_max_chunks(eval_chunks)
+    check_max_chunks(eval_chunks if evaluate else None)  # before the training, not after it
     ckpt = resume if isinstance(resume, str) else (last_checkpoint(recipe["output_dir"]) if resume else None)
     if ckpt:
         logger.warning("resuming from %s", ckpt)

@@ -102,12 +102,11 @@ def _build(d: int, layout: str):
         # q (n, k) master bytes, n % 64 == 0; out (planes * n // 64, k, 32): in block b, byte j of column i holds the
         # nibble of row 64b + j (low) and of row 64b + j + 32 (high); int4x2 (planes 2) writes the hi blocks, then
         # the lo blocks. Per block of 64 rows: derive (one contiguous pass over the master), then the byte transpose
-        # in widening steps (2 output bytes per uint16, then 8 per uint64), each a contiguous loop over cache-resident rows.
+        # in widening steps (2 output bytes per uint16, then 8 per uint64), loops over cache-resident rows.
         n, k = q.shape
         nb = n // 64
         v = np.empty((64, k), np.uint8)  # the block's rows derived: q_l + 8 (mod 16), or q_l + 128 for int4x2
         t1 = np.empty((16, k), np.uint16)
-        t3 = np.empty((4, k), np.uint64)
         for b in range(nb):
             for j in range(64):
                 src, dst = q[b * 64 + j], v[j]
@@ -125,17 +124,13 @@ def _build(d: int, layout: str):
                         for i in range(k):
                             row[i] = (np.uint16((a0[i] & f15) | ((a1[i] & f15) << four))
                                       | (np.uint16((c0[i] & f15) | ((c1[i] & f15) << four)) << np.uint16(8)))
-                for p in range(4):  # 4 rows of uint16 into one of uint64 (a uint32 step between: ~25% slower)
-                    x0, x1, x2, x3, row3 = t1[4 * p], t1[4 * p + 1], t1[4 * p + 2], t1[4 * p + 3], t3[p]
-                    for i in range(k):
-                        row3[i] = (np.uint64(x0[i]) | (np.uint64(x1[i]) << sh16) | (np.uint64(x2[i]) << sh32)
-                                   | (np.uint64(x3[i]) << sh48))
-                o = out[b + h * nb].view(np.uint64)  # (k, 4): 8 bytes = 8 consecutive j
+                # 4 rows of uint16 into one uint64, stored straight into the column's 32 bytes: one loop with four
+                # adjacent stores per column through a flat view (~20% faster than a (4, k) step then a scatter)
+                o = out[b + h * nb].reshape(-1).view(np.uint64)  # column i: o[4i:4i+4] = 8 consecutive j each
                 for i in range(k):
-                    o[i, 0] = t3[0, i]
-                    o[i, 1] = t3[1, i]
-                    o[i, 2] = t3[2, i]
-                    o[i, 3] = t3[3, i]
+                    for p in range(4):
+                        o[4 * i + p] = (np.uint64(t1[4 * p, i]) | (np.uint64(t1[4 * p + 1, i]) << sh16)
+                                        | (np.uint64(t1[4 * p + 2, i]) << sh32) | (np.uint64(t1[4 * p + 3, i]) << sh48))
 
     return blocked
 

@@ -11,7 +11,7 @@ switch of the process (kernels loaded from numba's disk cache) and the compile c
 cache are reported apart. "ping-pong": switching back and forth between two widths that are both cached (Python
 only; median of 101 switches, against the same copy).
 
-Usage: python benchmarks/bench_switch_cpu.py [--repeats 5] [--threads 1,2] [--cache-size N]
+Usage: python benchmarks/bench_switch_cpu.py [--repeats 5] [--threads 1,2] [--cache-size N] [--timed fused]
     [--out benchmarks/results/switch_cpu.json]
 """
 
@@ -83,15 +83,15 @@ def compile_costs(keys) -> dict:
     return out
 
 
-def bench(models, repeats: int, cache_size: int | None = None) -> dict:
-    res = {"load_before": os.getloadavg(), "cache_size": cache_size}
+def bench(models, repeats: int, cache_size: int | None = None, timed=VARIANTS) -> dict:
+    res = {"load_before": os.getloadavg(), "cache_size": cache_size, "timed": list(timed)}
     for key, model in models.items():
         layers = list(switchable_layers(model).values())
         for m in layers if cache_size else ():
             m.cache_size = cache_size
         masters = [m.weight_master for m in layers]
         dsts = [torch.empty_like(m) for m in masters]
-        raw = {"clone": [], "copy": [], **{f"{v} {s}->{d}": [] for v in VARIANTS for s, d in PAIRS}}
+        raw = {"clone": [], "copy": [], **{f"{v} {s}->{d}": [] for v in timed for s, d in PAIRS}}
         ratios = {k: [] for k in raw if " " in k}
         exact = {}
         with torch.inference_mode():
@@ -108,7 +108,7 @@ def bench(models, repeats: int, cache_size: int | None = None) -> dict:
                 clones = [m.clone() for m in masters]
                 raw["clone"].append(time.perf_counter() - t)
                 del clones
-                for v in VARIANTS:
+                for v in timed:
                     cpu_fused.ENABLED = v == "fused"
                     for s, d in PAIRS:  # each switch next to its own copy: the ratio sees the same machine load
                         c = copy_all(masters, dsts)
@@ -149,6 +149,9 @@ def table(res: dict, threads: int) -> str:
         for r in g:
             for v in VARIANTS:
                 k = f"{v} {s}->{d}"
+                if k not in r["seconds"]:  # not timed (--timed)
+                    cells.append("-")
+                    continue
                 cells.append(f"{r['seconds'][k] * 1e3:.1f} ms ({r['x_copy'][k]:.1f}x)"
                              + ("" if v == "eager" or r["exact"][f"{s}->{d}"] else " NOT EXACT"))
         rows.append(f"| {s} -> {d} | " + " | ".join(cells) + " |")
@@ -167,7 +170,13 @@ def main():
     ap.add_argument("--cache-size", type=int, default=None,
                     help="packed widths each layer keeps (default: SwitchableLinear's, 2); with 1 every cold switch "
                          "evicts the width it leaves before packing")
+    ap.add_argument("--timed", default="fused,eager",
+                    help="paths timed in the loop (both are still run once and compared for exactness first); "
+                         "'fused' alone keeps the eager path's allocations out of the heap the fused switches see")
     args = ap.parse_args()
+    timed = [v for v in args.timed.split(",") if v]
+    if not timed or set(timed) - set(VARIANTS):
+        ap.error(f"--timed takes a comma-separated subset of {','.join(VARIANTS)}, got {args.timed!r}")
     from abs_llm.data import load_default_model
 
     base, _ = load_default_model()
@@ -185,7 +194,7 @@ def main():
     print(f"{res['machine']}, torch {torch.__version__}, fused path available: {res['numba']}", flush=True)
     for n in (int(x) for x in args.threads.split(",")):
         torch.set_num_threads(n)
-        res[f"threads{n}"] = r = bench(models, args.repeats, args.cache_size)
+        res[f"threads{n}"] = r = bench(models, args.repeats, args.cache_size, timed)
         print(f"\nmedian of {args.repeats}, ms (median of paired ratios to a copy)\n" + table(r, n), flush=True)
     res["compile"] = compile_costs(sorted(cpu_fused._kernels))
     c = res["compile"]

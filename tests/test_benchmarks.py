@@ -57,8 +57,8 @@ def test_bench_qat_plot_draws_every_run_from_its_start(tmp_path, monkeypatch):
 
 def test_bench_switch_cpu_cold_switches_pack_the_same_bytes_both_ways(monkeypatch):
     """``bench_switch_cpu.bench`` on tiny models (one per scale kind; a 128-wide MLP so that int4x2 and the fused
-    kernels run): every pair's fused packs equal the eager ones, and ``--cache-size 1`` keeps one width per layer,
-    so the cached ping-pong is reported as not cached."""
+    kernels run): every pair's fused packs equal the eager ones, ``--cache-size 1`` keeps one width per layer, so the
+    cached ping-pong is reported as not cached, and ``--timed fused`` times only the fused path."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -84,4 +84,10 @@ def test_bench_switch_cpu_cold_switches_pack_the_same_bytes_both_ways(monkeypatc
         assert res["cache_size"] == size
         assert ("cache size 1" in bench_switch_cpu.table(res, 1)) == (size == 1)
     assert {lay.cache_size for m in models.values() for lay in switchable_layers(m).values()} == {1}
+    # --timed fused: both paths still run once for the exactness check, only the fused one is timed
+    res = bench_switch_cpu.bench(models, repeats=1, timed=("fused",))
+    assert all(all(res[key]["exact"].values()) for key in models)
+    assert not any(k.startswith("eager") for k in res["group64"]["seconds"])
+    rows = bench_switch_cpu.table(res, 1).splitlines()
+    assert all(row.split(" | ")[2] == "-" for row in rows if row.startswith("| 8 -> 4"))
     sys.modules.pop("bench_switch_cpu", None)

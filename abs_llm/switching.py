@@ -105,7 +105,8 @@ def set_bits(model: nn.Module, bits: int | dict[str, int], kernel: str | None = 
         if kernel is not None:
             for layer in layers.values():
                 layer.kernel = kernel
-        # the layers' compiled packing runs on torch's other threads while this one goes on with the next layer
+        # the layers' compiled packing is queued: torch's other threads run it while this one goes on with the next
+        # layer, and this one runs what is left once every layer is queued
         with cpu_fused.switch_batch(torch.get_num_threads() if prepare else 1) as batch:
             for name, b in plan.items():
                 layer = layers[name]

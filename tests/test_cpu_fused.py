@@ -188,6 +188,15 @@ def two_threads():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def switch_threads(request):
+    """One thread (the queue runs after the switch's Python, on the calling thread) and two (a worker too)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
 @needs_numba
 @pytest.mark.parametrize("group_size", [None, 64])
 def test_a_switch_runs_its_kernels_on_torchs_threads_and_packs_the_same_bytes(monkeypatch, two_threads, group_size):
@@ -216,6 +225,41 @@ def test_a_switch_runs_its_kernels_on_torchs_threads_and_packs_the_same_bytes(mo
 
 
 @needs_numba
+def test_on_one_thread_a_switch_runs_its_kernels_after_every_layers_python(monkeypatch):
+    """With one torch thread the queue has no worker: the calling thread first goes through every layer, then runs
+    the queued kernels (all the Python, then all the kernels, measured faster than alternating them)."""
+    model, layers = _model_at(64)
+    events, real_kernel, real_prepare = [], cpu_fused.kernel, SwitchableLinear.prepare
+
+    def spy(d, layout):
+        fn = real_kernel(d, layout)
+        return fn and (lambda *a: events.append(("kernel", threading.current_thread().name)) or fn(*a))
+
+    def prepare(self):
+        events.append(("layer", threading.current_thread().name))
+        return real_prepare(self)
+
+    monkeypatch.setattr(cpu_fused, "kernel", spy)
+    monkeypatch.setattr(SwitchableLinear, "prepare", prepare)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        set_bits(model, 4)
+    finally:
+        torch.set_num_threads(old)
+    kinds = [k for k, _ in events]
+    assert kinds.count("layer") == len(layers) and "kernel" in kinds
+    assert kinds == sorted(kinds, key=lambda k: k == "kernel"), kinds  # every layer before the first kernel
+    assert {t for _, t in events} == {threading.main_thread().name}
+    monkeypatch.setattr(cpu_fused, "ENABLED", False)
+    queued = [t.clone() for t in _packs(layers, 4)]
+    for m in layers:
+        m.invalidate_cache()
+    set_bits(model, 4)
+    assert all(torch.equal(a, b) for a, b in zip(queued, _packs(layers, 4))) and len(queued) == len(_packs(layers, 4))
+
+
+@needs_numba
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_threaded_switch_works_in_a_forked_child(two_threads):
     """A child forked after a threaded switch has the parent's worker pool object but none of its threads."""
@@ -241,7 +285,7 @@ def test_a_threaded_switch_works_in_a_forked_child(two_threads):
 
 
 @needs_numba
-def test_a_kernel_failing_in_a_threaded_switch_repacks_eagerly(monkeypatch, caplog, two_threads):
+def test_a_kernel_failing_in_a_switch_repacks_eagerly(monkeypatch, caplog, switch_threads):
     model, layers = _model_at(64)
     monkeypatch.setattr(cpu_fused, "_nb", cpu_fused._njit())  # restored after the test: the failure turns it off
     monkeypatch.setattr(common, "_said", set())
@@ -263,7 +307,7 @@ def test_a_kernel_failing_in_a_threaded_switch_repacks_eagerly(monkeypatch, capl
 
 @needs_numba
 @pytest.mark.parametrize("cold", [True, False], ids=["from_master", "rescaled_in_place"])
-def test_scales_a_threaded_switch_cannot_convert_are_converted_eagerly(monkeypatch, two_threads, cold):
+def test_scales_a_switch_cannot_convert_are_converted_eagerly(monkeypatch, switch_threads, cold):
     model, layers = _model_at(64)
     layers[3].weight_scale.data[0, 0] = 1e-40  # subnormal: the fused conversion refuses it, in a worker thread
     layers[3].invalidate_cache()

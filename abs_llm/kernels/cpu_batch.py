@@ -1,10 +1,12 @@
-"""A whole-model switch's compiled packing, run on several threads while the switch's Python goes on (issue 12).
+"""A whole-model switch's compiled packing, queued while the switch's Python goes on and run on its threads (issue 12).
 
 Inside :func:`batch` the fused kernels (:mod:`.cpu_fused`) do not run where they are called: the layer's buffers are
 allocated, the kernel call is queued, and ``threads - 1`` worker threads run the queue while the calling thread goes
 on with the next layer's Python; at the end the calling thread helps with what is left and waits. The kernels are
 numba ``nogil`` code, so a worker needs the GIL only to pick up a call (spreading whole layers over threads instead
-measured slower than one thread: each layer's ~25 torch calls hand the GIL over).
+measured slower than one thread: each layer's ~25 torch calls hand the GIL over). With one thread there are no
+workers and the calling thread runs the whole queue at the end: all the switch's Python, then all its kernels, was
+~10% faster for the int4 packs than alternating the two per layer (BENCHMARKS.md, stop 34).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class Batch:
 
     def submit(self, fn, args: tuple, fallback=None) -> None:
         """Queue ``fn(*args)``; ``fallback()`` runs instead of failing when ``fn`` returns ``False``."""
-        if not self._workers:
+        if not self._workers and self.threads > 1:
             with _lock:
                 # a forked child inherits the pool but not its threads: it would queue work that nobody runs
                 if not _pool or _pool[0]._max_workers < self.threads - 1 or _pool[1] != os.getpid():
@@ -74,12 +76,13 @@ def current() -> Batch | None:
 
 @contextmanager
 def batch(threads: int):
-    """Queue the fused kernel calls made inside and run them on ``threads`` threads (``threads <= 1``: no batch,
-    every call runs where it is made; yields ``None``). Waits for every call before leaving, also on an exception."""
-    if threads <= 1 or current() is not None:
+    """Queue the fused kernel calls made inside and run them on ``max(threads, 1)`` threads; yields the batch, or
+    ``None`` inside another batch (calls then join that one). Waits for every call before leaving, also on an
+    exception."""
+    if current() is not None:
         yield None
         return
-    b = _local.batch = Batch(int(threads))
+    b = _local.batch = Batch(max(int(threads), 1))
     try:
         yield b
     finally:

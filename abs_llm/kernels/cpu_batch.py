@@ -6,7 +6,7 @@ on with the next layer's Python; at the end the calling thread helps with what i
 numba ``nogil`` code, so a worker needs the GIL only to pick up a call (spreading whole layers over threads instead
 measured slower than one thread: each layer's ~25 torch calls hand the GIL over). With one thread there are no
 workers and the calling thread runs the whole queue at the end: all the switch's Python, then all its kernels, was
-~10% faster for the int4 packs than alternating the two per layer (BENCHMARKS.md, stop 34).
+10-30% faster for the int4 packs than alternating the two per layer (BENCHMARKS.md, stop 34).
 """
 
 from __future__ import annotations

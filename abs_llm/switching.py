@@ -107,7 +107,7 @@ def set_bits(model: nn.Module, bits: int | dict[str, int], kernel: str | None = 
                 layer.kernel = kernel
         # the layers' compiled packing is queued: torch's other threads run it while this one goes on with the next
         # layer, and this one runs what is left once every layer is queued
-        with cpu_fused.switch_batch(torch.get_num_threads() if prepare else 1) as batch:
+        with cpu_fused.switch_batch(torch.get_num_threads()) as batch:  # without prepare nothing is queued
             for name, b in plan.items():
                 layer = layers[name]
                 bits_before.append((layer, layer._bits))

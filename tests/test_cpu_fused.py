@@ -225,7 +225,8 @@ def test_a_switch_runs_its_kernels_on_torchs_threads_and_packs_the_same_bytes(mo
 
 
 @needs_numba
-def test_on_one_thread_a_switch_runs_its_kernels_after_every_layers_python(monkeypatch):
+@pytest.mark.parametrize("switch_threads", [1], indirect=True)
+def test_on_one_thread_a_switch_runs_its_kernels_after_every_layers_python(monkeypatch, switch_threads):
     """With one torch thread the queue has no worker: the calling thread first goes through every layer, then runs
     the queued kernels (all the Python, then all the kernels, measured faster than alternating them)."""
     model, layers = _model_at(64)
@@ -241,12 +242,7 @@ def test_on_one_thread_a_switch_runs_its_kernels_after_every_layers_python(monke
 
     monkeypatch.setattr(cpu_fused, "kernel", spy)
     monkeypatch.setattr(SwitchableLinear, "prepare", prepare)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        set_bits(model, 4)
-    finally:
-        torch.set_num_threads(old)
+    set_bits(model, 4)
     kinds = [k for k, _ in events]
     assert kinds.count("layer") == len(layers) and "kernel" in kinds
     assert kinds == sorted(kinds, key=lambda k: k == "kernel"), kinds  # every layer before the first kernel

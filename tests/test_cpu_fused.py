@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 
 from _report import RELIABILITY
 from abs_llm import DoubleRoundingConfig, core, quantize, set_bits
-from abs_llm.kernels import common, cpu, cpu_fused, lookup, pack_int4_cpu
+from abs_llm.kernels import common, cpu, cpu_batch, cpu_fused, lookup, pack_int4_cpu
 from abs_llm.layers import SwitchableLinear
 from conftest import tiny_llama_config
 
@@ -203,11 +203,24 @@ def test_a_switch_runs_its_kernels_on_torchs_threads_and_packs_the_same_bytes(mo
     """set_bits queues every layer's compiled packing, which worker threads run while the next layers' Python goes
     on; the bytes are those of the eager path."""
     model, layers = _model_at(group_size)
-    where, real = set(), cpu_fused.kernel
+    where, real, on_worker, batches = set(), cpu_fused.kernel, threading.Event(), []
+    submit = cpu_batch.Batch.submit
+    monkeypatch.setattr(cpu_batch.Batch, "submit", lambda self, *a: batches.append(self) or submit(self, *a))
+
+    def run(fn, *a):
+        name = threading.current_thread().name
+        where.add(name)
+        if name.startswith("abs_llm_switch"):
+            on_worker.set()
+        elif not on_worker.is_set() and batches and not batches[-1]._jobs.empty():
+            # a loaded machine may not schedule the worker before the calling thread drains the queue: hold this
+            # call until the worker has taken one of the calls still queued (what is tested is that it can)
+            on_worker.wait(30)
+        return fn(*a)
 
     def spy(d, layout):
         fn = real(d, layout)
-        return fn and (lambda *a: where.add(threading.current_thread().name) or fn(*a))
+        return fn and (lambda *a: run(fn, *a))
 
     for bits in (6, 4, 2, 8, 3):
         monkeypatch.setattr(cpu_fused, "kernel", spy)

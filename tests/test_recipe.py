@@ -191,9 +191,9 @@ def test_shipped_recipe_runs_in_tiny_form(tiny_lm_dir, tmp_path, name):
     r["init"].update(calibration=tiny["data"]["source"], calib_tokens=64, seq_len=16)
     r["data"] = {**r["data"], "source": tiny["data"]["source"], "docs": None, "block_size": 32}
     r["multibit"]["bits"] = tiny["quant"]["candidate_bits"]
-    if r["multibit"].get("bit_weights"):  # the shipped weights, restricted to the tiny model's widths
-        bits = r["multibit"]["bits"]
-        r["multibit"]["bit_weights"] = {b: w for b, w in r["multibit"]["bit_weights"].items() if b in bits}
+    for key in ("bit_weights", "bit_every"):  # the shipped settings, restricted to the tiny model's widths
+        if r["multibit"].get(key):
+            r["multibit"][key] = {b: v for b, v in r["multibit"][key].items() if b in r["multibit"]["bits"]}
     r["train"].update(max_steps=2, per_device_train_batch_size=2, warmup_steps=1, logging_steps=1, save_steps=2,
                       use_cpu=True)
     path = tmp_path / "tiny.yaml"

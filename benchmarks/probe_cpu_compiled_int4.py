@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from bench_speed import median_time
 from common import machine_info
 
 GROUP = 64
@@ -31,17 +31,6 @@ class _Layer(torch.nn.Module):
 
     def forward(self, x):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
-
-
-def _median_s(fn, x, repeats: int) -> float:
-    for _ in range(3):
-        fn(x)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def probe(n: int, k: int, m: int, repeats: int) -> dict:
@@ -61,9 +50,9 @@ def probe(n: int, k: int, m: int, repeats: int) -> dict:
     def rel(z):
         return float((z.float() - ref).norm() / ref.norm())
 
-    bf16 = _median_s(lambda v: F.linear(v, w), x, repeats)
-    eager = _median_s(layer, x, repeats)
-    comp = _median_s(compiled, x, repeats)
+    bf16 = median_time(lambda: F.linear(x, w), repeats, warmup=3)
+    eager = median_time(lambda: layer(x), repeats, warmup=3)
+    comp = median_time(lambda: compiled(x), repeats, warmup=3)
     return {"n": n, "k": k, "m": m, "bf16_us": bf16 * 1e6, "eager_us": eager * 1e6, "compiled_us": comp * 1e6,
             "eager_x_bf16": bf16 / eager, "compiled_x_bf16": bf16 / comp, "compile_s": compile_s,
             "rel_err_eager": rel(layer(x)), "rel_err_compiled": rel(y)}

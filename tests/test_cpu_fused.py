@@ -180,14 +180,6 @@ def _packs(layers, bits):
     return [t for m in layers for k, p in m._cache.items() if k[0] == bits for t in p.tensors]
 
 
-@pytest.fixture
-def two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def switch_threads(request):
     """One thread (the queue runs after the switch's Python, on the calling thread) and two (a worker too)."""
@@ -198,8 +190,9 @@ def switch_threads(request):
 
 
 @needs_numba
+@pytest.mark.parametrize("switch_threads", [2], indirect=True)
 @pytest.mark.parametrize("group_size", [None, 64])
-def test_a_switch_runs_its_kernels_on_torchs_threads_and_packs_the_same_bytes(monkeypatch, two_threads, group_size):
+def test_a_switch_runs_its_kernels_on_torchs_threads_and_packs_the_same_bytes(monkeypatch, switch_threads, group_size):
     """set_bits queues every layer's compiled packing, which worker threads run while the next layers' Python goes
     on; the bytes are those of the eager path."""
     model, layers = _model_at(group_size)
@@ -270,7 +263,8 @@ def test_on_one_thread_a_switch_runs_its_kernels_after_every_layers_python(monke
 
 @needs_numba
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_threaded_switch_works_in_a_forked_child(two_threads):
+@pytest.mark.parametrize("switch_threads", [2], indirect=True)
+def test_a_threaded_switch_works_in_a_forked_child(switch_threads):
     """A child forked after a threaded switch has the parent's worker pool object but none of its threads."""
     model, layers = _model_at(64)
     set_bits(model, 4)

@@ -36,6 +36,7 @@ def __getattr__(name):
         "default_corpus": "data",
         "perplexity": "evaluation",
         "draft_model": "speculative",
+        "tune_norms": "ptq.norm_tweak",
     }
     if name in lazy:
         import importlib
@@ -57,4 +58,5 @@ __all__ = [
     "default_corpus",
     "perplexity",
     "draft_model",
+    "tune_norms",
 ]

@@ -74,15 +74,20 @@ def metadata(config, layer_bits: dict[str, int]) -> dict[str, str]:
     }
 
 
-def state_dict_and_metadata(model, layers: dict, config) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def state_dict_and_metadata(model, layers: dict, config, norm_float_gains: dict | None = None
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """What ``save_pretrained`` writes: the model's state dict with every training-mode layer rounded to its master,
-    the load-guard tensor, and the header metadata."""
+    the load-guard tensor, and the header metadata. ``norm_float_gains`` (:func:`abs_llm.norms.float_gains`): the
+    float gains written as the weight of each norm that has per-width gains."""
+    norm_float_gains = norm_float_gains or {}
     state_dict = model.state_dict()
     for name, layer in layers.items():
         if layer.trainable:  # the latent float weight is training state; the checkpoint holds the master
             state_dict.pop(f"{name}.weight")
             state_dict[f"{name}.weight_master"] = encode_master(layer.master().detach(), layer.master_bits)
             state_dict[f"{name}.weight_scale"] = layer.weight_scale.detach().clamp(min=torch.finfo(torch.float32).tiny)
+    for key, gains in norm_float_gains.items():  # a norm's weight on disk is its float gains, whatever width is active
+        state_dict[key] = gains
     meta = metadata(config, {n: m.bits for n, m in layers.items()})
     if layers:
         # An empty tensor where a plain float model expects a Linear weight: loading without abs_llm then fails with a
@@ -121,6 +126,15 @@ def _read_headers(files) -> tuple[dict, dict, dict]:
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f}: unreadable safetensors file (truncated or corrupted?): {e}") from e
     return header, file_meta, owner
+
+
+def check_tensors_present(files, names, what: str) -> None:
+    """Every tensor in ``names`` is in the safetensors ``files``, else a ``ValueError`` naming the first missing."""
+    header = _read_headers(files)[0]
+    missing = [n for n in names if n not in header]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) of the {what} (first: {missing[0]}); the files "
+                         "and config.json do not belong together: re-save the model with abs_llm")
 
 
 def _check_metadata(meta: dict, config, shapes: dict[str, tuple[int, int]], where) -> None:

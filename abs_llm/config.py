@@ -35,6 +35,8 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
             ``"auto"``, so default checkpoints stay readable by versions without this field.
         hessian_traces: optional ``{module_name: tr(H_l)/n_l}`` from ``abs_llm.hasb.hessian_traces`` (HASB), kept so a
             later search can reuse them without recomputing.
+        norm_bits: widths that carry their own norm gains (:mod:`abs_llm.norms`, fitted by ``abs_llm.tune_norms``);
+            ``None`` for none. Set by the tuning, not by hand: the checkpoint must hold those gains.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
         hessian_traces: dict[str, float] | None = None,
         format_version: int = FORMAT_VERSION,
         kernel: str = "auto",
+        norm_bits: list[int] | None = None,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
@@ -60,6 +63,7 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
         self.hessian_traces = hessian_traces
         self.format_version = format_version
         self.kernel = kernel
+        self.norm_bits = norm_bits
         unknown = set(kwargs) - {"quant_method"}
         if unknown:
             raise ValueError(f"DoubleRoundingConfig got unknown fields {sorted(unknown)}")
@@ -113,6 +117,11 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
             ):
                 raise ValueError("hessian_traces must be a dict {module_name: finite number}")
             self.hessian_traces = {str(k): float(v) for k, v in self.hessian_traces.items()} or None
+        if self.norm_bits is not None:
+            if not isinstance(self.norm_bits, (list, tuple)):
+                raise ValueError(f"norm_bits must be a list of candidate widths, got {self.norm_bits!r:.80}")
+            nb = [_check_bits("norm_bits entry", b, self.candidate_bits) for b in self.norm_bits]
+            self.norm_bits = sorted(set(nb), reverse=True) or None
         if isinstance(self.format_version, bool) or not isinstance(self.format_version, int) or self.format_version < 1:
             raise ValueError(f"format_version must be an integer >= 1, got {self.format_version!r:.80}")
         if self.format_version > FORMAT_VERSION:
@@ -126,4 +135,6 @@ class DoubleRoundingConfig(QuantizationConfigMixin):
         d["quant_method"] = QUANT_METHOD
         if d.get("kernel") == "auto":
             d.pop("kernel")
+        if not d.get("norm_bits"):  # absent unless tuned: such checkpoints stay readable by versions without it
+            d.pop("norm_bits", None)
         return d

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import core
+from . import core, norms
 from .hf_quantizer import replace_linears
 from .switching import check_bits, require_layers
 
@@ -103,8 +103,9 @@ def export_compressed_tensors(model, out, bits: int, source_dir=None) -> Path:
                          "group size that divides every layer's width, or per-channel (--group-size none)")
     cfg = compressed_tensors_config(model, layers, bits)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    gains, drop = norms.fixed_width_state(model, bits)  # the snapshot's norms hold that width's own gains
     state = {k: v for k, v in _unique_state_dict(model).items()
-             if k.rpartition(".")[0] not in layers or k.endswith(".bias")}
+             if (k.rpartition(".")[0] not in layers or k.endswith(".bias")) and k not in drop} | gains
     for name, m in layers.items():
         q = core.derive(m.master(), m.master_bits, bits)  # int8 holding q_l
         state[f"{name}.weight_packed"] = pack_to_int32(q.contiguous(), bits).contiguous()
@@ -143,6 +144,7 @@ def dense_copy(model, bits: int):
         return lin
 
     replace_linears(dense, list(layers), to_linear)
+    norms.fold(dense, bits)
     for attr in ("hf_quantizer", "quantization_method"):
         if hasattr(dense, attr):
             delattr(dense, attr)

@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from . import checkpoint
+from . import checkpoint, norms
 from .config import DoubleRoundingConfig
 from .saving import install_atomic_save
 from .layers import SwitchableLinear
@@ -256,6 +256,11 @@ class DoubleRoundingHfQuantizer(HfQuantizer):
                                                                dtype=old.weight.dtype, **layer_kwargs(cfg)))
 
         replace_linears(model, targets, skeleton)
+        if cfg.norm_bits:  # empty per-width gains for the loader to fill, each one checked to be in the files
+            names = [f"{n}.{norms.PREFIX}{b}" for n in norms.add_gains(model, cfg.norm_bits, init="meta")
+                     for b in cfg.norm_bits]
+            if checkpoint_files:
+                checkpoint.check_tensors_present(checkpoint_files, names, "norm gains named by norm_bits")
         for name in targets:
             # A parent's _init_weights may reach for child.weight by name (GPT-2 re-initialises c_proj.weight), which a
             # frozen layer does not have. A parent holding no tensor of its own has nothing to initialise: skip it.
@@ -274,12 +279,14 @@ class DoubleRoundingHfQuantizer(HfQuantizer):
             if (layer.weight_master.is_meta or layer.weight_scale.is_meta) and not layer.offloaded:
                 raise ValueError(f"checkpoint is missing the master or scale of {name}")
             layer.invalidate_cache()
+        norms.finish_load(model)
         _apply_config_bits(model, cfg)
         install_atomic_save(model)
         return model
 
     def get_state_dict_and_metadata(self, model):
-        return checkpoint.state_dict_and_metadata(model, switchable_layers(model), self.quantization_config)
+        return checkpoint.state_dict_and_metadata(model, switchable_layers(model), self.quantization_config,
+                                                  norms.float_gains(model))
 
     def is_serializable(self):
         return True

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import norms
 from .core import FUSED
 from .switching import allowed_bits, require_layers
 
@@ -119,6 +120,11 @@ def validate(model, args, mb: MultiBitConfig, teacher, train_dataset) -> dict:
     if model is None:
         raise ValueError("MultiBitTrainer needs a model")
     layers = require_layers(model)
+    tuned = norms.tuned_norms(model)
+    if tuned:
+        raise ValueError(f"the model carries per-width norm gains ({len(tuned)} norms, abs_llm.tune_norms): joint QAT "
+                         "trains one set of norm gains, so start it from a checkpoint quantized without them and tune "
+                         "the norms after training")
     cands = allowed_bits(model)
     bits = list(mb.bits) if mb.bits is not None else list(cands)
     bad = [b for b in bits if isinstance(b, bool) or b not in cands]

@@ -50,13 +50,16 @@ def load_checkpoint(checkpoint: str | os.PathLike, tokenizer: bool = True, token
 
 def quantize_to_dir(model_id, out, config: DoubleRoundingConfig, overwrite: bool = False, tokenizer=None,
                     evaluate: bool = True, eval_chunks: int | None = DEFAULT_EVAL_CHUNKS, method: str = "rtn",
-                    calibration: str | None = None, calib_docs: int | None = None, gptq_options=None) -> Path:
+                    calibration: str | None = None, calib_docs: int | None = None, gptq_options=None,
+                    tune_norms=None, tune_norms_steps: int = 100) -> Path:
     """Quantize a float model (HF id/path; default: the embedded model) into a switchable checkpoint at ``out``, with
     its tokenizer, its source (``config.json``) and, unless ``evaluate`` is False, its PPL at every width
     (``eval_results.json``). The output folder and the tokenizer are checked before the slow part.
 
     ``method="gptq"`` chooses the master on ``calibration`` text (:func:`abs_llm.data.calibration_texts`: ``"lee"``,
-    ``"wiki"``, ``"lee+wiki"`` or a text file; the first ``calib_docs`` documents) with ``gptq_options``."""
+    ``"wiki"``, ``"lee+wiki"`` or a text file; the first ``calib_docs`` documents) with ``gptq_options``.
+    ``tune_norms`` (e.g. ``[4, 3]``) then fits those widths' own norm gains by distillation from the float model on
+    the same text (:func:`abs_llm.tune_norms`, ``tune_norms_steps`` steps per width)."""
     from .evaluation import check_max_chunks
     from .hf_quantizer import quantize
     from .ptq import check_method
@@ -67,6 +70,12 @@ def quantize_to_dir(model_id, out, config: DoubleRoundingConfig, overwrite: bool
         check_max_chunks(eval_chunks)
     if method == "rtn" and (calibration is not None or calib_docs is not None):
         raise ValueError("calibration / calib_docs are only used by method='gptq'")
+    if tune_norms:
+        import copy
+
+        from .ptq.norm_tweak import check_tune_args
+
+        check_tune_args(config, tune_norms, tune_norms_steps)
     kwargs = {}
     if method == "gptq":
         from .data import calibration_texts
@@ -74,8 +83,16 @@ def quantize_to_dir(model_id, out, config: DoubleRoundingConfig, overwrite: bool
         kwargs = {"method": "gptq", "calibration": calibration_texts(calibration or "lee", calib_docs),
                   "gptq_options": gptq_options}
     out = prepare_output_dir(out, overwrite)
-    model, tok, _ = load_float(model_id, tokenizer, tokenizer_required=evaluate or method == "gptq")
+    model, tok, _ = load_float(model_id, tokenizer, tokenizer_required=evaluate or method == "gptq" or bool(tune_norms))
+    teacher = copy.deepcopy(model) if tune_norms else None  # the float model, before quantize converts it in place
     quantize(model, config, **kwargs, **({"tokenizer": tok} if kwargs else {}))
+    if tune_norms:
+        from .data import calibration_texts
+        from .ptq.norm_tweak import tune_norms as fit
+
+        fit(model, tok, tune_norms, teacher, calibration_texts(calibration or "lee", calib_docs),
+            steps=tune_norms_steps)
+        del teacher
     model.save_pretrained(out)
     if tok is not None:
         tok.save_pretrained(out)

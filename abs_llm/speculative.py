@@ -26,7 +26,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import core, kernels, row_attention
+from . import core, kernels, norms, row_attention
 from .layers import SwitchableLinear
 from .switching import check_bits, require_layers, set_bits
 
@@ -163,7 +163,8 @@ def _view(module: nn.Module, memo: dict, swap: dict, root: nn.Module) -> nn.Modu
         if key in _MEMOS:
             continue
         if key in _SHARED:
-            state[key] = value
+            # a norm with per-width gains re-binds its weight on every switch: the draft binds its own
+            state[key] = copy.copy(value) if key == "_parameters" and norms.gain_bits(module) else value
         elif key == "_modules":
             state[key] = {k: None if v is None else _view(v, memo, swap, root) for k, v in value.items()}
         elif id(value) in swap:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from . import kernels
+from . import kernels, norms
 from .kernels import cpu_fused
 from .layers import SwitchableLinear
 
@@ -127,6 +127,7 @@ def set_bits(model: nn.Module, bits: int | dict[str, int], kernel: str | None = 
             layers[name].kernel = k
         raise
     _sync_config(model, layers, kernel, None if isinstance(bits, dict) else int(bits))
+    norms.apply(model)  # per-width norm gains follow their layers' width (a no-op without them)
     return model
 
 

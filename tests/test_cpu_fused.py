@@ -20,6 +20,10 @@ from abs_llm.layers import SwitchableLinear
 from conftest import tiny_llama_config
 
 needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
+# torch packs int4 for its CPU matmul in a layout that depends on the ISA; the fused kernels write the AVX-512 one
+# (``_blocked64``), and the library takes the fused int4 path only where torch's layout is that one
+needs_blocked64 = pytest.mark.skipif(not cpu._blocked64_matches_torch(), reason="torch's CPU int4pack layout here is "
+                                     "not _blocked64 (no AVX-512): the fused int4 path is off on this CPU")
 
 
 def master(n, k, master_bits, seed=0):
@@ -48,6 +52,7 @@ def parts(master_bits, bits):
     return ("int8",) + (("nib",) if bits <= 4 else ("x2",))
 
 
+@needs_blocked64
 @needs_numba
 @pytest.mark.parametrize("master_bits", [8, 4])
 @pytest.mark.parametrize("n,k", [(64, 256), (128, 96), (192, 576), (64, 2), (320, 130)])
@@ -83,6 +88,7 @@ def test_odd_widths_int8_and_unblockable_rows(n):
     assert cpu_fused.int4_blocked(master(64, 33, 8), 8, 4, "int4pack") is None
 
 
+@needs_blocked64
 @needs_numba
 @settings(max_examples=40, deadline=None)
 @given(n=st.sampled_from([64, 128, 192]), k=st.integers(1, 160), master_bits=st.sampled_from([8, 4]),
@@ -133,6 +139,7 @@ def test_scales_outside_the_normal_range_use_the_eager_conversion(monkeypatch, b
     assert all(torch.equal(a, b) for a, b in zip(on, off))
 
 
+@needs_blocked64
 @needs_numba
 @pytest.mark.parametrize("group_size", [None, 64])
 def test_model_switch_uses_fused_path_and_packs_the_same_bytes(monkeypatch, group_size):
@@ -261,6 +268,7 @@ def test_on_one_thread_a_switch_runs_its_kernels_after_every_layers_python(monke
     assert all(torch.equal(a, b) for a, b in zip(queued, _packs(layers, 4))) and len(queued) == len(_packs(layers, 4))
 
 
+@needs_blocked64
 @needs_numba
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.parametrize("switch_threads", [2], indirect=True)
@@ -287,6 +295,7 @@ def test_a_threaded_switch_works_in_a_forked_child(switch_threads):
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+@needs_blocked64
 @needs_numba
 def test_a_kernel_failing_in_a_switch_repacks_eagerly(monkeypatch, caplog, switch_threads):
     model, layers = _model_at(64)
@@ -413,6 +422,7 @@ def _layer(group_size, out_f=128, in_f=256):
     return m
 
 
+@needs_blocked64
 @needs_numba
 def test_cold_switch_writes_the_new_width_into_the_evicted_one():
     """Group-64 widths 8 and 6 both run int4x2 (one master's worth of bytes each) and the cache cap holds one of

@@ -11,7 +11,7 @@ from abs_llm import DoubleRoundingConfig, quantize, set_bits
 from abs_llm.kernels import cpu, cpu_fused
 from abs_llm.layers import SwitchableLinear
 from conftest import tiny_llama_config
-from test_cpu_fused import master, needs_numba
+from test_cpu_fused import master, needs_blocked64, needs_numba
 
 BF16 = torch.bfloat16
 
@@ -41,6 +41,7 @@ def from_spare(monkeypatch, q, s, group_size, kernel, src, dst):
     return got, want, ptrs, called
 
 
+@needs_blocked64
 @needs_numba
 @pytest.mark.parametrize("n,k,group_size", [(64, 256, 64), (128, 576, 64), (192, 128, 128), (64, 512, None)])
 def test_int4x2_from_the_master_width_is_rewritten_in_place_exactly(monkeypatch, n, k, group_size):
@@ -54,6 +55,7 @@ def test_int4x2_from_the_master_width_is_rewritten_in_place_exactly(monkeypatch,
         assert "x2_from_master" in called and "rescale" in called and "blocked" not in called
 
 
+@needs_blocked64
 @needs_numba
 @pytest.mark.parametrize("src,dst", [(4, 2), (2, 4), (3, 4), (4, 3), (2, 3)])
 def test_int4pack_scales_are_rescaled_in_place_exactly(monkeypatch, src, dst):
@@ -64,6 +66,7 @@ def test_int4pack_scales_are_rescaled_in_place_exactly(monkeypatch, src, dst):
     assert "rescale" in called and "x2_from_master" not in called  # the nibbles come from the master
 
 
+@needs_blocked64
 @needs_numba
 def test_a_width_below_the_master_is_not_a_source(monkeypatch):
     """From 7 bits, 6 bits would round twice (round(round(q/2)/2) != round(q/4)): the weight comes from the master."""
@@ -98,6 +101,7 @@ def test_in_place_equals_master_property(blocks, k32, dst, seed):
     assert all(torch.equal(a, b) for a, b in zip(got.tensors, want.tensors))
 
 
+@needs_blocked64
 @needs_numba
 @pytest.mark.parametrize("threads", [1, 2])
 def test_model_switch_from_8_bits_packs_what_a_fresh_model_does(monkeypatch, threads):

@@ -34,7 +34,9 @@ def test_tuning_moves_only_the_tuned_widths_gains(tuned):
     model, teacher, _, log = tuned
     assert sorted(log) == [2, 4] and all(len(v) == 3 for v in log.values())
     assert model.config.quantization_config.norm_bits == [4, 2]
-    assert abs_llm.get_bits(model) == 8  # left at the width it was at
+    assert abs_llm.get_bits(model) == 8  # left at the width and kernels it was at
+    assert model.config.quantization_config.kernel == "auto"
+    assert {m.kernel for m in abs_llm.switchable_layers(model).values()} == {"auto"}
     for name, m in norms.tuned_norms(model).items():
         float_gains = teacher.get_submodule(name).weight
         assert torch.equal(m._buffers["weight_float"], float_gains)

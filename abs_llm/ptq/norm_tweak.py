@@ -31,12 +31,13 @@ def tune_norms(model: nn.Module, tokenizer, bits, teacher: nn.Module, texts, ste
     ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
     if len(ids) <= block_size:
         raise ValueError(f"tune_norms needs more than {block_size} tokens of text, got {len(ids)}")
-    before, cfg = get_bits(model), getattr(model, "config", None)
+    before = get_bits(model)
     kernels_before = {n: m.kernel for n, m in layers.items()}
+    qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    kernel_cfg = getattr(qcfg, "kernel", None)  # set_bits mirrors the tuning's kernel into it: put it back after
     have = {b for m in tuned_norms(model).values() for b in gain_bits(m)}
     norms = add_gains(model, [b for b in bits if b not in have])
-    if cfg is not None and getattr(cfg, "quantization_config", None) is not None:
-        qcfg = cfg.quantization_config
+    if qcfg is not None:
         qcfg.norm_bits = sorted(set(qcfg.norm_bits or []) | set(bits), reverse=True)
     device = next(model.parameters()).device
     teacher.eval()
@@ -74,6 +75,8 @@ def tune_norms(model: nn.Module, tokenizer, bits, teacher: nn.Module, texts, ste
         for n, k in kernels_before.items():
             layers[n].kernel = k
         set_bits(model, before, prepare=False)
+        if kernel_cfg is not None:
+            qcfg.kernel = kernel_cfg
     return log
 
 

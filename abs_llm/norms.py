@@ -1,6 +1,6 @@
 """Per-width norm gains: each tuned bit-width carries its own copy of every RMSNorm / LayerNorm gain vector.
 
-Below 6 bits most of a Double Rounding model's loss is a systematic drift of the activation magnitudes, which the
+Below 6 bits much of a Double Rounding model's loss is a drift of the activation magnitudes, which the
 norm gains in front of every block can undo ("norm tweaking", Li et al. 2023; switchable normalisation per width as in
 slimmable and AdaBits networks). The gains are ~0.03% of the parameters per width, so a width gets its own without
 costing any other width anything; the integer master is untouched.

@@ -73,7 +73,7 @@ def gptq_flags(p) -> None:
                         " inputs (GPTAQ)")
     g.add_argument("--tune-norms", type=bits_list, default=None, metavar="BITS",
                    help="then fit these widths' own norm gains (e.g. 4,3) by distillation from the float model on the"
-                        " calibration text (norm tweaking; ~5 s a step on 2 CPU cores for the default model)")
+                        " calibration text (norm tweaking; ~6.5 s a step on 2 AVX2 cores for the default model)")
     g.add_argument("--tune-norms-steps", type=int, default=100, help="steps of 2 x 256 tokens per width (100)")
 
 

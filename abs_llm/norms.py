@@ -100,7 +100,7 @@ def apply(model: nn.Module) -> None:
         b = next(iter(under)) if len(under) == 1 else None
         src = m._buffers.get(f"{PREFIX}{b}") if b is not None else None
         src = m._buffers["weight_float"] if src is None else src
-        if m._parameters["weight"] is not src:
+        if m._parameters["weight"].data_ptr() != src.data_ptr():  # a ping-pong to the bound width costs nothing
             m._parameters["weight"] = nn.Parameter(src, requires_grad=False)
 
 

@@ -3,6 +3,7 @@ only parses arguments, calls one of these and prints (docs/architecture.md, "Com
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -71,8 +72,6 @@ def quantize_to_dir(model_id, out, config: DoubleRoundingConfig, overwrite: bool
     if method == "rtn" and (calibration is not None or calib_docs is not None):
         raise ValueError("calibration / calib_docs are only used by method='gptq'")
     if tune_norms:
-        import copy
-
         from .ptq.norm_tweak import check_tune_args
 
         check_tune_args(config, tune_norms, tune_norms_steps)

@@ -12,6 +12,7 @@ import random
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..norms import PREFIX, add_gains, apply, gain_bits, tuned_norms
 from ..switching import get_bits, set_bits, switchable_layers
@@ -57,7 +58,7 @@ def tune_norms(model: nn.Module, tokenizer, bits, teacher: nn.Module, texts, ste
                 1 + math.cos(math.pi * (s - hold) / max(steps - hold, 1))))
             rng = random.Random(seed)
             log[b] = []
-            for _ in _progress(range(steps), f"norm gains, {b} bits", progress):
+            for _ in tqdm(range(steps), desc=f"norm gains, {b} bits", unit="step", disable=not progress):
                 starts = [rng.randrange(0, len(ids) - block_size) for _ in range(batch_size)]
                 x = torch.stack([ids[s:s + block_size] for s in starts]).to(device)
                 with torch.no_grad():
@@ -94,10 +95,3 @@ def check_tune_args(config, bits, steps) -> None:
     """The checks :func:`tune_norms` makes on its arguments, before a pipeline does the slow part."""
     _check_bits(config.candidate_bits, bits, steps)
 
-
-def _progress(it, desc: str, on: bool):
-    if not on:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, unit="step")
